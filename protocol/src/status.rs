@@ -1,0 +1,278 @@
+//! Agent status, published retained on `calwatch/v1/agents/{agent}/status` and set as the
+//! agent's last will with `"state":"offline"` (CONTRACT §1).
+//!
+//! ```json
+//! {"v":1,"agent":"station-17","state":"online","version":"0.1.0","devices":4,
+//!  "spool_bytes":0,"ts":1764421200123,
+//!  "device_info":{"HS-DSP-0042":{"model":"Tokheim Quantium","serial":"Q-1234"}},
+//!  "health":{"HS-DSP-0042":{"last_ok":1764421199870,"consecutive_failures":0}}}
+//! ```
+//!
+//! `device_info` (identity strings read from the device, CONTRACT §5) and `health` (polling
+//! health per device) are omitted when empty and default to empty. Decoding follows the same
+//! rules and reasons as reading batches; unknown fields are ignored (forward compatibility
+//! within v1).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::DecodeError;
+use crate::id::Id;
+use crate::json::{self, Version};
+
+/// Whether the agent is connected; `offline` is the last will the broker publishes for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Connected and polling.
+    Online,
+    /// Disconnected (last will) or shut down cleanly.
+    Offline,
+}
+
+/// Identity data a device reports about itself; shown next to the registry's record so a
+/// swapped instrument stands out.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Model string read from the device, if its profile has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Serial number read from the device, if its profile has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// How polling a device is going, so a broken link is told apart from a silent device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceHealth {
+    /// Last successful poll, Unix epoch milliseconds; `null` if none since the agent started.
+    #[serde(default)]
+    pub last_ok: Option<i64>,
+    /// Failed polls since the last successful one.
+    pub consecutive_failures: u64,
+}
+
+/// The payload of `calwatch/v1/agents/{agent}/status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentStatus {
+    /// The reporting agent.
+    pub agent: Id,
+    /// Online, or offline as the last will says.
+    pub state: AgentState,
+    /// The agent's software version.
+    pub version: String,
+    /// How many devices the agent polls.
+    pub devices: u64,
+    /// Bytes waiting in the agent's spool: a backlog the gateway has not seen yet.
+    pub spool_bytes: u64,
+    /// When the status was made, Unix epoch milliseconds (UTC).
+    pub ts: i64,
+    /// Identity data per device; omitted from the JSON when empty.
+    pub device_info: BTreeMap<Id, DeviceInfo>,
+    /// Polling health per device; omitted from the JSON when empty.
+    pub health: BTreeMap<Id, DeviceHealth>,
+}
+
+impl AgentStatus {
+    /// Parses and validates a status payload (same rules and reasons as reading batches).
+    pub fn decode(bytes: &[u8]) -> Result<AgentStatus, DecodeError> {
+        json::decode(bytes)
+    }
+
+    /// The JSON payload, with `"v":1` first.
+    pub fn encode(&self) -> Vec<u8> {
+        // Cannot fail: string keys, no floats, writing to memory.
+        serde_json::to_vec(self).expect("an AgentStatus always serializes")
+    }
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    v: Version,
+    agent: &'a Id,
+    state: AgentState,
+    version: &'a str,
+    devices: u64,
+    spool_bytes: u64,
+    ts: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    device_info: &'a BTreeMap<Id, DeviceInfo>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    health: &'a BTreeMap<Id, DeviceHealth>,
+}
+
+#[derive(Deserialize)]
+struct StatusIn {
+    #[serde(rename = "v")]
+    _version: Version,
+    agent: Id,
+    state: AgentState,
+    version: String,
+    devices: u64,
+    spool_bytes: u64,
+    ts: i64,
+    #[serde(default)]
+    device_info: BTreeMap<Id, DeviceInfo>,
+    #[serde(default)]
+    health: BTreeMap<Id, DeviceHealth>,
+}
+
+impl Serialize for AgentStatus {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        StatusOut {
+            v: Version,
+            agent: &self.agent,
+            state: self.state,
+            version: &self.version,
+            devices: self.devices,
+            spool_bytes: self.spool_bytes,
+            ts: self.ts,
+            device_info: &self.device_info,
+            health: &self.health,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<AgentStatus, D::Error> {
+        let s = StatusIn::deserialize(deserializer)?;
+        Ok(AgentStatus {
+            agent: s.agent,
+            state: s.state,
+            version: s.version,
+            devices: s.devices,
+            spool_bytes: s.spool_bytes,
+            ts: s.ts,
+            device_info: s.device_info,
+            health: s.health,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::error::RejectReason;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap()
+    }
+
+    fn minimal() -> AgentStatus {
+        AgentStatus {
+            agent: id("station-17"),
+            state: AgentState::Online,
+            version: "0.1.0".into(),
+            devices: 4,
+            spool_bytes: 0,
+            ts: 1_764_421_200_123,
+            device_info: BTreeMap::new(),
+            health: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn minimal_status_is_the_contract_line() {
+        let s = minimal();
+        let json = String::from_utf8(s.encode()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"agent":"station-17","state":"online","version":"0.1.0","devices":4,"spool_bytes":0,"ts":1764421200123}"#
+        );
+        assert_eq!(AgentStatus::decode(json.as_bytes()).unwrap(), s);
+    }
+
+    #[test]
+    fn full_status_round_trips() {
+        let mut s = minimal();
+        s.state = AgentState::Offline;
+        s.device_info.insert(
+            id("HS-DSP-0042"),
+            DeviceInfo {
+                model: Some("Tokheim Quantium".into()),
+                serial: None,
+            },
+        );
+        s.health.insert(
+            id("HS-DSP-0042"),
+            DeviceHealth {
+                last_ok: Some(1_764_421_199_870),
+                consecutive_failures: 0,
+            },
+        );
+        s.health.insert(
+            id("SC-1"),
+            DeviceHealth {
+                last_ok: None,
+                consecutive_failures: 7,
+            },
+        );
+        let json = String::from_utf8(s.encode()).unwrap();
+        assert!(json.contains(r#""state":"offline""#), "{json}");
+        assert!(
+            json.contains(r#""device_info":{"HS-DSP-0042":{"model":"Tokheim Quantium"}}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""SC-1":{"last_ok":null,"consecutive_failures":7}"#),
+            "{json}"
+        );
+        assert_eq!(AgentStatus::decode(json.as_bytes()).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let json = r#"{"v":1,"agent":"a","state":"online","version":"x","devices":0,
+            "spool_bytes":0,"ts":0,"uptime_s":12,"device_info":{"d":{"firmware":"2"}}}"#;
+        let s = AgentStatus::decode(json.as_bytes()).unwrap();
+        assert_eq!(s.device_info[&id("d")], DeviceInfo::default());
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases = [
+            (
+                r#"{"v":1,"agent":"a","state":"asleep","version":"x","devices":0,"spool_bytes":0,"ts":0}"#,
+                RejectReason::Malformed,
+                Some("state"),
+            ),
+            (
+                r#"{"v":1,"agent":"a","state":"online","version":"x","devices":0,"spool_bytes":0}"#,
+                RejectReason::Malformed,
+                Some("ts"),
+            ),
+            (
+                r#"{"v":1,"agent":"a","state":"online","version":"x","devices":0,"spool_bytes":0,"ts":1.5}"#,
+                RejectReason::Malformed,
+                Some("ts"),
+            ),
+            (
+                r#"{"v":1,"agent":"a","state":"online","version":"x","devices":0,"spool_bytes":0,"ts":0,"health":{"bad id":{"consecutive_failures":0}}}"#,
+                RejectReason::InvalidId,
+                Some("health.\"bad id\""),
+            ),
+            (
+                r#"{"v":2,"agent":"a b","state":"sleeping"}"#,
+                RejectReason::UnknownVersion,
+                Some("v"),
+            ),
+            (
+                r#"{"agent":"a","state":"online","version":"x","devices":0,"spool_bytes":0,"ts":0}"#,
+                RejectReason::UnknownVersion,
+                Some("v"),
+            ),
+            (r#"{"v":1,"#, RejectReason::Syntax, None),
+        ];
+        for (json, reason, field) in cases {
+            let e = AgentStatus::decode(json.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.reason, e.field.as_deref()),
+                (reason, field),
+                "{json}: {e}"
+            );
+        }
+    }
+}
