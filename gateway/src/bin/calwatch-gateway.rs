@@ -1,0 +1,183 @@
+//! `calwatch-gateway`: run the gateway, import the registry, or run the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use calwatch_gateway::config::GatewayConfig;
+use calwatch_gateway::registry::Registry;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "calwatch-gateway",
+    version,
+    about = "calwatch gateway: checks instrument readings against their verification certificates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingest readings and write them to the configured sinks.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Import devices.csv (and optionally verifications.csv) into the registry.
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        devices: PathBuf,
+        verifications: Option<PathBuf>,
+    },
+    /// Run everything on embedded defaults: broker, simulated instruments, agents, gateway.
+    Demo {
+        /// Working directory (default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long = "for")]
+        for_s: Option<u64>,
+    },
+}
+
+/// Exit code for configuration and input errors.
+const CONFIG_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("calwatch-gateway: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let load = |config: &PathBuf| GatewayConfig::load(config).map_err(|e| eprintln!("{e}"));
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(()) => ExitCode::from(CONFIG_ERROR),
+        },
+        Command::Import {
+            config,
+            devices,
+            verifications,
+        } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            let mut reg = match Registry::open(&cfg.registry.path) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("calwatch-gateway: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            for (file, is_devices) in
+                std::iter::once((devices, true)).chain(verifications.map(|v| (v, false)))
+            {
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("{}: cannot read: {e}", file.display());
+                        return ExitCode::from(CONFIG_ERROR);
+                    }
+                };
+                let result = if is_devices {
+                    reg.import_devices(&file, &text)
+                } else {
+                    reg.import_verifications(&file, &text)
+                };
+                match result {
+                    Ok(n) => println!("{}: imported {n} rows", file.display()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(CONFIG_ERROR);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            runtime.block_on(async {
+                let (stop_tx, stop_rx) = watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    tracing::info!("shutting down");
+                    let _ = stop_tx.send(true);
+                });
+                match calwatch_gateway::run(cfg, stop_rx, Arc::default()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("calwatch-gateway: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Demo { dir, for_s } => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("calwatch-demo-{}", std::process::id()))
+            });
+            eprintln!("demo: working directory {}", dir.display());
+            runtime.block_on(async {
+                let (stop_tx, stop_rx) = watch::channel(false);
+                tokio::spawn(async move {
+                    match for_s {
+                        Some(s) => tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(s)) => {}
+                            _ = shutdown_signal() => {}
+                        },
+                        None => shutdown_signal().await,
+                    }
+                    let _ = stop_tx.send(true);
+                });
+                match calwatch_gateway::demo::run(&dir, stop_rx).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("calwatch-gateway demo: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
