@@ -1,0 +1,212 @@
+//! Helpers for calwatch's end-to-end tests: the services `tests/run` started, the real
+//! binaries, child processes that are killed when a test ends, and InfluxQL queries.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Addresses of the services `tests/run` started.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub mqtt_addr: String,
+    pub influx_v1_url: String,
+    pub influx_v1_db: String,
+    pub vm_url: String,
+    pub tmp: PathBuf,
+}
+
+impl Services {
+    /// The services, or `None` (with a notice) when the test runs outside `tests/run`.
+    /// Under `tests/run` (CALWATCH_SERVICES=1) a missing variable is a hard failure.
+    pub fn get() -> Option<Services> {
+        if std::env::var("CALWATCH_SERVICES").ok().as_deref() != Some("1") {
+            eprintln!("SKIPPED: needs the services of tests/run (CALWATCH_SERVICES=1)");
+            return None;
+        }
+        let var =
+            |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("tests/run did not export {k}"));
+        Some(Services {
+            mqtt_addr: var("CALWATCH_MQTT_ADDR"),
+            influx_v1_url: var("CALWATCH_INFLUX_V1_URL"),
+            influx_v1_db: var("CALWATCH_INFLUX_V1_DB"),
+            vm_url: var("CALWATCH_VM_URL"),
+            tmp: PathBuf::from(var("CALWATCH_TEST_TMP")),
+        })
+    }
+
+    /// A fresh directory for one test.
+    pub fn test_dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("create test dir");
+        d
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A binary of the workspace, built by `cargo build --workspace --bins` (tests/run does).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run cargo build --workspace --bins (tests/run does)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound and released; good enough on a private test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A child process killed when dropped; its stderr goes to a log file in the test dir.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, stdout piped (for [`Proc::wait_stdout_line`]), stderr to a log.
+    pub fn start(dir: &Path, name: &str, bin: &Path, args: &[&str]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    /// Reads stdout until a line contains `needle` (or panics after `limit`).
+    pub fn wait_stdout_line(&mut self, needle: &str, limit: Duration) -> String {
+        let out = self.child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let needle = needle.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains(&needle) {
+                    let _ = tx.send(line);
+                    return;
+                }
+            }
+        });
+        rx.recv_timeout(limit).unwrap_or_else(|_| {
+            panic!(
+                "{}: no line with the expected text; log:\n{}",
+                self.name,
+                self.log_text()
+            )
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `limit`; returns its exit code.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a binary to completion; returns (exit code, stdout, stderr).
+pub fn run_to_end(bin: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs an InfluxQL query against InfluxDB 1.x; returns the first series' columns and rows.
+pub async fn influxql(url: &str, db: &str, q: &str) -> (Vec<String>, Vec<Vec<serde_json::Value>>) {
+    let resp: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/query"))
+        .query(&[("db", db), ("q", q), ("epoch", "ms")])
+        .send()
+        .await
+        .expect("query influx")
+        .json()
+        .await
+        .expect("influx json");
+    let series = &resp["results"][0]["series"][0];
+    let columns = series["columns"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let rows = series["values"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|row| row.as_array().cloned()).collect())
+        .unwrap_or_default();
+    (columns, rows)
+}
+
+/// Polls `f` every 250 ms until it returns `Some` or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
