@@ -1,5 +1,6 @@
 //! `agent.toml`: the agent's identity, broker, spool and devices (CONTRACT §5).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -68,15 +69,51 @@ impl Default for BatchConfig {
     }
 }
 
-/// Where a device is reached.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// Where a device is reached. Devices with the same transport share one line: one
+/// connection, one request at a time (a serial bus or a TCP gateway does not do more).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Transport {
-    /// Modbus TCP (MBAP framing).
+    /// Modbus TCP (MBAP framing): `host:port` or `tcp://host:port`.
     Tcp(String),
+    /// Modbus RTU frames over a TCP socket (serial device servers): `rtu+tcp://host:port`.
+    RtuOverTcp(String),
+    /// Modbus RTU on a serial port: `rtu:///dev/ttyUSB0?baud=9600&parity=N&data_bits=8&stop_bits=1`.
+    Serial(SerialLine),
+}
+
+impl Transport {
+    /// Serial framing needs a silent interval between requests; TCP does not.
+    fn default_delay_ms(&self) -> u64 {
+        match self {
+            Transport::Tcp(_) => 0,
+            Transport::RtuOverTcp(_) | Transport::Serial(_) => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Tcp(a) => write!(f, "tcp://{a}"),
+            Transport::RtuOverTcp(a) => write!(f, "rtu+tcp://{a}"),
+            Transport::Serial(s) => write!(f, "rtu://{}?baud={}", s.path, s.baud),
+        }
+    }
+}
+
+/// Serial port settings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SerialLine {
+    pub path: String,
+    pub baud: u32,
+    /// `N`, `E` or `O`.
+    pub parity: char,
+    pub data_bits: u8,
+    pub stop_bits: u8,
 }
 
 /// One polled instrument.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DeviceConfig {
     pub id: Id,
     pub profile: Profile,
@@ -88,6 +125,10 @@ pub struct DeviceConfig {
     pub timeout: Duration,
     /// Largest hole of unused registers a merged read may span.
     pub max_gap: u16,
+    /// Pause after each request on this device's line (serial turnaround).
+    pub delay: Duration,
+    /// Values polled less often than `interval`, by name.
+    pub value_intervals: BTreeMap<Id, Duration>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +157,9 @@ struct RawDevice {
     timeout_ms: u64,
     #[serde(default = "default_max_gap")]
     max_gap: u16,
+    delay_ms: Option<u64>,
+    #[serde(default)]
+    value_interval_ms: BTreeMap<String, u64>,
 }
 
 fn default_unit() -> u8 {
@@ -165,6 +209,8 @@ impl AgentConfig {
                     "device {id}: interval_ms and timeout_ms must be positive"
                 )));
             }
+            // Unit 0 is broadcast (no answer); 248..=255 are reserved. Modbus TCP devices
+            // often ignore the unit id, but one must still be sent.
             if d.unit == 0 || d.unit > 247 {
                 return Err(err(format!(
                     "device {id}: unit {} out of range 1..=247",
@@ -174,6 +220,18 @@ impl AgentConfig {
             let profile_path = tomlfile::resolve(path, &d.profile);
             let profile = Profile::load(&profile_path)
                 .map_err(|e| err(format!("device {id}: profile: {e}")))?;
+            let mut value_intervals = BTreeMap::new();
+            for (name, ms) in d.value_interval_ms {
+                if !profile.values.iter().any(|v| v.name.as_str() == name && !v.is_identity()) {
+                    return Err(err(format!("device {id}: value_interval_ms names {name:?}, not a value of the profile")));
+                }
+                if ms < d.interval_ms {
+                    return Err(err(format!("device {id}: value_interval_ms.{name} = {ms} is shorter than interval_ms")));
+                }
+                let name = Id::new(name).map_err(|e| err(format!("device {id}: {e}")))?;
+                value_intervals.insert(name, Duration::from_millis(ms));
+            }
+            let delay = Duration::from_millis(d.delay_ms.unwrap_or_else(|| transport.default_delay_ms()));
             devices.push(DeviceConfig {
                 id,
                 profile,
@@ -183,6 +241,8 @@ impl AgentConfig {
                 interval: Duration::from_millis(d.interval_ms),
                 timeout: Duration::from_millis(d.timeout_ms),
                 max_gap: d.max_gap,
+                delay,
+                value_intervals,
             });
         }
         let mut mqtt = raw.mqtt;
@@ -200,20 +260,50 @@ impl AgentConfig {
     }
 }
 
-/// Parses a device address: `host:port` (Modbus TCP) or `tcp://host:port`.
+/// Parses a device address (see [`Transport`]).
 fn parse_address(address: &str) -> Result<Transport, String> {
-    let hostport = address.strip_prefix("tcp://").unwrap_or(address);
-    if hostport.contains("://") {
+    let hostport = |s: &str| -> Result<String, String> {
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+            _ => Err(format!("address {address:?}: expected host:port")),
+        }
+    };
+    if let Some(rest) = address.strip_prefix("rtu+tcp://") {
+        return Ok(Transport::RtuOverTcp(hostport(rest)?));
+    }
+    if let Some(rest) = address.strip_prefix("rtu://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if !path.starts_with('/') {
+            return Err(format!("address {address:?}: expected rtu:///dev/ttyX?baud=N"));
+        }
+        let mut line = SerialLine { path: path.to_string(), baud: 9600, parity: 'N', data_bits: 8, stop_bits: 1 };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| format!("address {address:?}: {pair:?} is not key=value"))?;
+            let bad = || format!("address {address:?}: bad {k} {v:?}");
+            match k {
+                "baud" => line.baud = v.parse().ok().filter(|&b| b > 0).ok_or_else(bad)?,
+                "parity" => {
+                    line.parity = match v {
+                        "N" | "n" | "none" => 'N',
+                        "E" | "e" | "even" => 'E',
+                        "O" | "o" | "odd" => 'O',
+                        _ => return Err(bad()),
+                    }
+                }
+                "data_bits" => line.data_bits = v.parse().ok().filter(|b| (5..=8).contains(b)).ok_or_else(bad)?,
+                "stop_bits" => line.stop_bits = v.parse().ok().filter(|b| (1..=2).contains(b)).ok_or_else(bad)?,
+                _ => return Err(format!("address {address:?}: unknown option {k:?} (baud, parity, data_bits, stop_bits)")),
+            }
+        }
+        return Ok(Transport::Serial(line));
+    }
+    let rest = address.strip_prefix("tcp://").unwrap_or(address);
+    if rest.contains("://") {
         return Err(format!(
-            "address {address:?}: unsupported scheme; this agent speaks Modbus TCP (host:port)"
+            "address {address:?}: unsupported scheme; use host:port, rtu+tcp://host:port or rtu:///dev/ttyX"
         ));
     }
-    match hostport.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            Ok(Transport::Tcp(hostport.to_string()))
-        }
-        _ => Err(format!("address {address:?}: expected host:port")),
-    }
+    Ok(Transport::Tcp(hostport(rest)?))
 }
 
 #[cfg(test)]

@@ -107,6 +107,7 @@ mod tests {
             invert: false,
             len,
             unit: None,
+            omit_when: None,
         }
     }
 

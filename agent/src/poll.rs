@@ -1,20 +1,25 @@
-//! Polling one device: connect, read the plan on every interval, decode, hand readings on.
+//! Polling: one task per line (a TCP endpoint, a serial device server, a serial port), each
+//! polling its devices one request at a time on their schedules.
 //!
-//! Every call runs under the device's timeout. A timeout or transport error drops the
-//! connection and reconnects with backoff; a Modbus exception is counted and skips that
-//! poll only. One device never holds up another: each runs on its own task.
+//! Every call runs under the device's timeout. A timeout or transport error drops the line's
+//! connection (a late answer would desynchronise the framing) and backs that device off with
+//! jitter; the other devices of the line reconnect at once. A Modbus exception is counted
+//! and skips that poll only. Lines never wait for each other.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use calwatch_protocol::{DeviceHealth, DeviceInfo, Id, Reading, Value};
 use tokio::sync::{mpsc, watch};
-use tokio_modbus::client::{tcp, Context, Reader};
+use tokio::time::Instant;
+use tokio_modbus::client::{rtu, tcp, Context, Reader};
+use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::Slave;
 
 use crate::backoff::Backoff;
-use crate::config::{DeviceConfig, Transport};
+use crate::config::{DeviceConfig, SerialLine, Transport};
 use crate::plan::{Read, RequestPlan};
 use crate::profile::{Decoded, Table, ValueDef};
 use crate::seq::SeqCounter;
@@ -26,17 +31,18 @@ pub struct FleetHealth {
     pub info: BTreeMap<Id, DeviceInfo>,
     /// Modbus exception responses per device.
     pub exceptions: BTreeMap<Id, u64>,
+    /// Polls that failed on timeout or transport errors, per device.
+    pub failures: BTreeMap<Id, u64>,
+    /// Readings produced, per device.
+    pub readings: BTreeMap<Id, u64>,
 }
 
-/// Shared, cheaply locked health table.
+/// Shared, briefly locked health table.
 pub type SharedHealth = Arc<Mutex<FleetHealth>>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,37 +59,42 @@ enum PollError {
     Short { got: usize, want: usize },
 }
 
+/// Values of a device polled together on one interval.
+struct Group {
+    interval: Duration,
+    values: Vec<ValueDef>,
+    plan: RequestPlan,
+}
+
 /// A device's compiled polling program.
 struct Program {
-    readings: Vec<ValueDef>,
-    plan: RequestPlan,
+    groups: Vec<Group>,
     identity: Vec<ValueDef>,
     identity_plan: RequestPlan,
 }
 
 impl Program {
     fn new(dev: &DeviceConfig) -> Program {
-        let (identity, readings): (Vec<ValueDef>, Vec<ValueDef>) = dev
-            .profile
-            .values
-            .iter()
-            .cloned()
-            .partition(|v| v.is_identity());
-        let plan = RequestPlan::new(&readings.iter().collect::<Vec<_>>(), dev.max_gap);
-        let identity_plan = RequestPlan::new(&identity.iter().collect::<Vec<_>>(), dev.max_gap);
-        Program {
-            readings,
-            plan,
-            identity,
-            identity_plan,
+        let (identity, readings): (Vec<ValueDef>, Vec<ValueDef>) =
+            dev.profile.values.iter().cloned().partition(|v| v.is_identity());
+        let mut by_interval: BTreeMap<Duration, Vec<ValueDef>> = BTreeMap::new();
+        for v in readings {
+            let every = dev.value_intervals.get(&v.name).copied().unwrap_or(dev.interval);
+            by_interval.entry(every).or_default().push(v);
         }
+        let groups = by_interval
+            .into_iter()
+            .map(|(interval, values)| {
+                let plan = RequestPlan::new(&values.iter().collect::<Vec<_>>(), dev.max_gap);
+                Group { interval, values, plan }
+            })
+            .collect();
+        let identity_plan = RequestPlan::new(&identity.iter().collect::<Vec<_>>(), dev.max_gap);
+        Program { groups, identity, identity_plan }
     }
 }
 
-async fn timed<T>(
-    limit: Duration,
-    fut: impl std::future::Future<Output = tokio_modbus::Result<T>>,
-) -> Result<T, PollError> {
+async fn timed<T>(limit: Duration, fut: impl std::future::Future<Output = tokio_modbus::Result<T>>) -> Result<T, PollError> {
     match tokio::time::timeout(limit, fut).await {
         Err(_) => Err(PollError::Timeout(limit)),
         Ok(Err(e)) => Err(PollError::Transport(e)),
@@ -97,15 +108,10 @@ async fn execute(ctx: &mut Context, read: &Read, limit: Duration) -> Result<Vec<
         Table::Holding => timed(limit, ctx.read_holding_registers(read.start, read.count)).await?,
         Table::Input => timed(limit, ctx.read_input_registers(read.start, read.count)).await?,
         Table::Coil => bits(timed(limit, ctx.read_coils(read.start, read.count)).await?),
-        Table::Discrete => {
-            bits(timed(limit, ctx.read_discrete_inputs(read.start, read.count)).await?)
-        }
+        Table::Discrete => bits(timed(limit, ctx.read_discrete_inputs(read.start, read.count)).await?),
     };
     if words.len() < usize::from(read.count) {
-        return Err(PollError::Short {
-            got: words.len(),
-            want: usize::from(read.count),
-        });
+        return Err(PollError::Short { got: words.len(), want: usize::from(read.count) });
     }
     Ok(words)
 }
@@ -119,10 +125,15 @@ async fn run_plan(
     plan: &RequestPlan,
     values: &[ValueDef],
     limit: Duration,
+    delay: Duration,
 ) -> Result<Vec<Decoded>, PollError> {
     let mut results = Vec::with_capacity(plan.reads.len());
     for read in &plan.reads {
-        results.push(execute(ctx, read, limit).await?);
+        let r = execute(ctx, read, limit).await;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        results.push(r?);
     }
     Ok(values
         .iter()
@@ -134,140 +145,181 @@ async fn run_plan(
         .collect())
 }
 
-/// Polls `dev` until `shutdown` turns true, sending each reading to `out`.
-pub async fn run_device(
-    dev: DeviceConfig,
-    mut seq: SeqCounter,
-    out: mpsc::Sender<Reading>,
-    health: SharedHealth,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let program = Program::new(&dev);
-    let backoff = Backoff {
-        min: Duration::from_millis(200),
-        max: Duration::from_secs(30),
-    };
-    let Transport::Tcp(address) = &dev.transport;
-    let mut failures: u32 = 0;
-    let mut ctx: Option<Context> = None;
-    let mut ticker = tokio::time::interval(dev.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => break,
+async fn connect(transport: &Transport, limit: Duration) -> Result<Context, PollError> {
+    let resolve = |address: &str| {
+        let address = address.to_string();
+        async move {
+            tokio::net::lookup_host(&address)
+                .await
+                .map_err(PollError::Connect)?
+                .next()
+                .ok_or_else(|| PollError::Connect(std::io::Error::other(format!("{address}: no address"))))
         }
-        if *shutdown.borrow() {
+    };
+    let attempt = async {
+        match transport {
+            Transport::Tcp(a) => tcp::connect_slave(resolve(a).await?, Slave(1)).await.map_err(PollError::Connect),
+            Transport::RtuOverTcp(a) => {
+                let stream = tokio::net::TcpStream::connect(resolve(a).await?).await.map_err(PollError::Connect)?;
+                let _ = stream.set_nodelay(true);
+                Ok(rtu::attach_slave(stream, Slave(1)))
+            }
+            Transport::Serial(line) => Ok(rtu::attach_slave(open_serial(line)?, Slave(1))),
+        }
+    };
+    tokio::time::timeout(limit, attempt).await.map_err(|_| PollError::Timeout(limit))?
+}
+
+fn open_serial(line: &SerialLine) -> Result<tokio_serial::SerialStream, PollError> {
+    use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, StopBits};
+    tokio_serial::new(&line.path, line.baud)
+        .parity(match line.parity {
+            'E' => Parity::Even,
+            'O' => Parity::Odd,
+            _ => Parity::None,
+        })
+        .data_bits(match line.data_bits {
+            5 => DataBits::Five,
+            6 => DataBits::Six,
+            7 => DataBits::Seven,
+            _ => DataBits::Eight,
+        })
+        .stop_bits(if line.stop_bits == 2 { StopBits::Two } else { StopBits::One })
+        .open_native_async()
+        .map_err(|e| PollError::Connect(std::io::Error::other(format!("{}: {e}", line.path))))
+}
+
+/// A device on a line, with what survives between polls.
+struct DeviceRun {
+    cfg: DeviceConfig,
+    program: Program,
+    seq: SeqCounter,
+    failures: u32,
+    /// Identity strings read on this connection already.
+    identified: bool,
+}
+
+/// Changes to a line's device set (reload).
+#[derive(Debug)]
+pub enum LineCommand {
+    /// The line's devices from now on; unchanged devices keep their schedule and seq.
+    Devices(Vec<DeviceConfig>),
+}
+
+/// Everything a line needs from the agent.
+#[derive(Clone)]
+pub struct LineContext {
+    pub seq_dir: std::path::PathBuf,
+    pub out: mpsc::Sender<Reading>,
+    pub health: SharedHealth,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Polls the devices of one line until shutdown or until its device set becomes empty.
+pub async fn run_line(transport: Transport, devices: Vec<DeviceConfig>, mut commands: mpsc::Receiver<LineCommand>, mut cx: LineContext) {
+    let backoff = Backoff { min: Duration::from_millis(200), max: Duration::from_secs(30) };
+    let mut runs: HashMap<Id, DeviceRun> = HashMap::new();
+    // (due, generation, device, group): a stale entry (older generation) is skipped.
+    let mut schedule: BinaryHeap<Reverse<(Instant, u64, Id, usize)>> = BinaryHeap::new();
+    let mut generation: HashMap<Id, u64> = HashMap::new();
+    let mut next_gen = 0u64;
+    apply(&devices, &mut runs, &mut schedule, &mut generation, &mut next_gen, &cx);
+    let mut ctx: Option<Context> = None;
+    loop {
+        if runs.is_empty() {
             break;
         }
-        let ts = now_ms();
-        let result = async {
-            if ctx.is_none() {
-                let c = connect(address, dev.unit, dev.timeout).await?;
-                ctx = Some(c);
-                if let Some(c) = ctx.as_mut() {
-                    if !program.identity.is_empty() {
-                        let info =
-                            run_plan(c, &program.identity_plan, &program.identity, dev.timeout)
-                                .await?;
-                        record_identity(&health, &dev.id, &program.identity, info);
-                    }
+        let Some(Reverse((due, _, _, _))) = schedule.peek().cloned() else { break };
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            cmd = commands.recv() => {
+                match cmd {
+                    Some(LineCommand::Devices(devs)) => apply(&devs, &mut runs, &mut schedule, &mut generation, &mut next_gen, &cx),
+                    None => break,
                 }
+                continue;
             }
-            match ctx.as_mut() {
-                Some(c) => run_plan(c, &program.plan, &program.readings, dev.timeout).await,
-                None => Ok(Vec::new()),
-            }
+            _ = cx.shutdown.changed() => break,
         }
-        .await;
-        match result {
+        if *cx.shutdown.borrow() {
+            break;
+        }
+        let Some(Reverse((due, gen, id, group))) = schedule.pop() else { continue };
+        if generation.get(&id) != Some(&gen) {
+            continue;
+        }
+        let Some(run) = runs.get_mut(&id) else { continue };
+        let interval = run.program.groups[group].interval;
+        let ts = now_ms();
+        let result = poll_once(&transport, &mut ctx, run, group, &cx.health).await;
+        let next = match result {
             Ok(decoded) => {
-                failures = 0;
-                let values: Vec<(Id, Value)> = program
-                    .readings
-                    .iter()
-                    .zip(decoded)
-                    .filter_map(|(def, d)| match d {
-                        Decoded::Number(x) if x.is_finite() => {
-                            Some((def.name.clone(), Value::Number(x)))
+                run.failures = 0;
+                let values = to_values(&run.program.groups[group].values, decoded);
+                match run.seq.take() {
+                    Ok(seq) => {
+                        record(&cx.health, &id, Some(ts), 0, |h| *h.readings.entry(id.clone()).or_default() += 1);
+                        let reading = Reading { device: id.clone(), seq, ts, values };
+                        if cx.out.send(reading).await.is_err() {
+                            break;
                         }
-                        Decoded::Bool(b) => Some((def.name.clone(), Value::Bool(b))),
-                        _ => None,
-                    })
-                    .collect();
-                let seq = match seq.take() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(device = %dev.id, error = %e, "cannot persist sequence number; reading held back");
-                        continue;
                     }
-                };
-                set_health(&health, &dev.id, Some(ts), 0);
-                let reading = Reading {
-                    device: dev.id.clone(),
-                    seq,
-                    ts,
-                    values,
-                };
-                if out.send(reading).await.is_err() {
-                    break;
+                    Err(e) => tracing::error!(device = %id, error = %e, "cannot persist sequence number; reading held back"),
                 }
+                (due + interval).max(Instant::now())
             }
             Err(PollError::Exception(code)) => {
                 // The device answered: the connection is fine, this poll is not.
-                tracing::warn!(device = %dev.id, ?code, "modbus exception");
-                if let Ok(mut h) = health.lock() {
-                    *h.exceptions.entry(dev.id.clone()).or_default() += 1;
-                }
-                failures = failures.saturating_add(1);
-                set_health(&health, &dev.id, None, failures);
+                tracing::warn!(device = %id, ?code, "modbus exception");
+                run.failures = run.failures.saturating_add(1);
+                record(&cx.health, &id, None, run.failures, |h| *h.exceptions.entry(id.clone()).or_default() += 1);
+                (due + interval).max(Instant::now())
             }
             Err(e) => {
-                failures = failures.saturating_add(1);
-                set_health(&health, &dev.id, None, failures);
+                run.failures = run.failures.saturating_add(1);
+                record(&cx.health, &id, None, run.failures, |h| *h.failures.entry(id.clone()).or_default() += 1);
                 ctx = None;
-                let wait = backoff.delay(failures - 1);
-                tracing::warn!(device = %dev.id, %address, error = %e, retry_in = ?wait, "device unreachable");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => break,
+                for r in runs.values_mut() {
+                    r.identified = false;
                 }
-                ticker.reset();
+                let run = runs.get(&id).map(|r| r.failures).unwrap_or(1);
+                let wait = backoff.delay(run - 1).max(interval);
+                tracing::warn!(device = %id, line = %transport, error = %e, retry_in = ?wait, "device unreachable");
+                Instant::now() + wait
             }
+        };
+        schedule.push(Reverse((next, gen, id, group)));
+    }
+    for (id, run) in runs {
+        if let Err(e) = run.seq.close() {
+            tracing::error!(device = %id, error = %e, "cannot store sequence number");
         }
     }
-    if let Err(e) = seq.close() {
-        tracing::error!(device = %dev.id, error = %e, "cannot store sequence number");
+}
+
+async fn poll_once(
+    transport: &Transport,
+    ctx: &mut Option<Context>,
+    run: &mut DeviceRun,
+    group: usize,
+    health: &SharedHealth,
+) -> Result<Vec<Decoded>, PollError> {
+    let timeout = run.cfg.timeout;
+    if ctx.is_none() {
+        *ctx = Some(connect(transport, timeout).await?);
     }
-}
-
-async fn connect(address: &str, unit: u8, limit: Duration) -> Result<Context, PollError> {
-    let addr = tokio::time::timeout(limit, tokio::net::lookup_host(address))
-        .await
-        .map_err(|_| PollError::Timeout(limit))?
-        .map_err(PollError::Connect)?
-        .next()
-        .ok_or_else(|| PollError::Connect(std::io::Error::other("no address")))?;
-    let ctx = tokio::time::timeout(limit, tcp::connect_slave(addr, Slave(unit)))
-        .await
-        .map_err(|_| PollError::Timeout(limit))?
-        .map_err(PollError::Connect)?;
-    Ok(ctx)
-}
-
-fn set_health(health: &SharedHealth, id: &Id, last_ok: Option<i64>, failures: u32) {
-    if let Ok(mut h) = health.lock() {
-        let entry = h.health.entry(id.clone()).or_insert(DeviceHealth {
-            last_ok: None,
-            consecutive_failures: 0,
-        });
-        if last_ok.is_some() {
-            entry.last_ok = last_ok;
-        }
-        entry.consecutive_failures = u64::from(failures);
+    let Some(c) = ctx.as_mut() else { return Err(PollError::Connect(std::io::Error::other("not connected"))) };
+    c.set_slave(Slave(run.cfg.unit));
+    if !run.identified && !run.program.identity.is_empty() {
+        let info = run_plan(c, &run.program.identity_plan, &run.program.identity, timeout, run.cfg.delay).await?;
+        run.identified = true;
+        record_identity(health, &run.cfg.id, &run.program.identity, info);
     }
+    let g = &run.program.groups[group];
+    run_plan(c, &g.plan, &g.values, timeout, run.cfg.delay).await
 }
 
+/// Stores the identity strings (`model`, `serial`) reported in the agent status.
 fn record_identity(health: &SharedHealth, id: &Id, defs: &[ValueDef], decoded: Vec<Decoded>) {
     let mut info = DeviceInfo::default();
     for (def, d) in defs.iter().zip(decoded) {
@@ -281,5 +333,74 @@ fn record_identity(health: &SharedHealth, id: &Id, defs: &[ValueDef], decoded: V
     }
     if let Ok(mut h) = health.lock() {
         h.info.insert(id.clone(), info);
+    }
+}
+
+fn to_values(defs: &[ValueDef], decoded: Vec<Decoded>) -> Vec<(Id, Value)> {
+    defs.iter()
+        .zip(decoded)
+        .filter_map(|(def, d)| match d {
+            Decoded::Number(x) if x.is_finite() && def.omit_when != Some(x) => Some((def.name.clone(), Value::Number(x))),
+            Decoded::Bool(b) => Some((def.name.clone(), Value::Bool(b))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Applies a device set to a line: keeps unchanged devices as they are.
+fn apply(
+    devices: &[DeviceConfig],
+    runs: &mut HashMap<Id, DeviceRun>,
+    schedule: &mut BinaryHeap<Reverse<(Instant, u64, Id, usize)>>,
+    generation: &mut HashMap<Id, u64>,
+    next_gen: &mut u64,
+    cx: &LineContext,
+) {
+    let wanted: HashMap<&Id, &DeviceConfig> = devices.iter().map(|d| (&d.id, d)).collect();
+    let gone: Vec<Id> = runs.keys().filter(|id| !wanted.contains_key(id)).cloned().collect();
+    for id in gone {
+        generation.remove(&id);
+        if let Some(run) = runs.remove(&id) {
+            tracing::info!(device = %id, "device removed");
+            if let Err(e) = run.seq.close() {
+                tracing::error!(device = %id, error = %e, "cannot store sequence number");
+            }
+        }
+    }
+    // Spread first polls over the interval so a thousand devices do not fire at once.
+    let spread = |i: usize, n: usize, every: Duration| every.mul_f64(i as f64 / n.max(1) as f64);
+    for (i, dev) in devices.iter().enumerate() {
+        if runs.get(&dev.id).is_some_and(|r| &r.cfg == dev) {
+            continue;
+        }
+        let seq = match runs.remove(&dev.id) {
+            Some(old) => old.seq,
+            None => match SeqCounter::open(&cx.seq_dir, &dev.id) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(device = %dev.id, error = %e, "cannot open sequence state; device not polled");
+                    continue;
+                }
+            },
+        };
+        *next_gen += 1;
+        generation.insert(dev.id.clone(), *next_gen);
+        let program = Program::new(dev);
+        let start = Instant::now();
+        for (g, group) in program.groups.iter().enumerate() {
+            schedule.push(Reverse((start + spread(i, devices.len(), group.interval.min(dev.interval)), *next_gen, dev.id.clone(), g)));
+        }
+        runs.insert(dev.id.clone(), DeviceRun { cfg: dev.clone(), program, seq, failures: 0, identified: false });
+    }
+}
+
+fn record(health: &SharedHealth, id: &Id, last_ok: Option<i64>, failures: u32, extra: impl FnOnce(&mut FleetHealth)) {
+    if let Ok(mut h) = health.lock() {
+        let entry = h.health.entry(id.clone()).or_insert(DeviceHealth { last_ok: None, consecutive_failures: 0 });
+        if last_ok.is_some() {
+            entry.last_ok = last_ok;
+        }
+        entry.consecutive_failures = u64::from(failures);
+        extra(&mut h);
     }
 }

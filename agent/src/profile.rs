@@ -93,6 +93,7 @@ struct RawValue {
     invert: bool,
     registers: Option<u16>,
     unit: Option<String>,
+    omit_when: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -115,6 +116,9 @@ pub struct ValueDef {
     /// Registers spanned (bits for bit tables).
     pub len: u16,
     pub unit: Option<String>,
+    /// A decoded value equal to this is left out of the reading: registers that hold a
+    /// placeholder when there is nothing to report (e.g. no check weight on the pan).
+    pub omit_when: Option<f64>,
 }
 
 impl ValueDef {
@@ -231,6 +235,7 @@ impl Profile {
                 invert: v.invert,
                 len,
                 unit: v.unit,
+                omit_when: v.omit_when,
             };
             if let Some((other, _)) = values.iter().find(|(o, _)| o.name == def.name) {
                 return Err(err(format!("value {}: name used twice", other.name)));
@@ -452,6 +457,7 @@ mod tests {
             invert: false,
             len,
             unit: None,
+            omit_when: None,
         }
     }
 

@@ -105,7 +105,8 @@ pub async fn run(dir: &Path, shutdown: watch::Receiver<bool>) -> Result<(), Demo
         let cfg = AgentConfig::load(&agent_toml).map_err(|e| DemoError::Setup(e.to_string()))?;
         let stop = shutdown.clone();
         agents.push(tokio::spawn(async move {
-            if let Err(e) = calwatch_agent::run(cfg, stop, Arc::default()).await {
+            let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+            if let Err(e) = calwatch_agent::run(cfg, stop, reload_rx, Arc::default()).await {
                 tracing::error!(error = %e, "demo agent stopped");
             }
         }));

@@ -90,7 +90,9 @@ fn main() -> ExitCode {
                     tracing::info!("shutting down");
                     let _ = stop_tx.send(true);
                 });
-                match calwatch_agent::run(cfg, stop_rx, Arc::default()).await {
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(watch_config(config.clone(), reload_tx));
+                match calwatch_agent::run(cfg, stop_rx, reload_rx, Arc::default()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("calwatch-agent: {e}");
@@ -135,6 +137,35 @@ fn main() -> ExitCode {
                     _ = shutdown_signal() => ExitCode::SUCCESS,
                 }
             })
+        }
+    }
+}
+
+/// Reloads the config on SIGHUP and when the file changes (checked every 2 s). A config
+/// that does not load is logged and ignored: the agent keeps polling what it had.
+async fn watch_config(path: PathBuf, reload: tokio::sync::mpsc::Sender<AgentConfig>) {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let by_signal = tokio::select! {
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+            _ = tick.tick() => false,
+        };
+        let now = modified(&path);
+        if !by_signal && now == last {
+            continue;
+        }
+        last = now;
+        match AgentConfig::load(&path) {
+            Ok(cfg) => {
+                tracing::info!(config = %path.display(), by_signal, "reloading configuration");
+                if reload.send(cfg).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the running one"),
         }
     }
 }
