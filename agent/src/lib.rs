@@ -98,7 +98,6 @@ pub async fn run(
         }
     }
     drop(running);
-    drop(start_line);
     drop(cx);
     for t in tasks {
         let _ = t.await;

@@ -69,9 +69,9 @@ pub async fn run(dir: &Path, shutdown: watch::Receiver<bool>) -> Result<(), Demo
     {
         let mut reg =
             Registry::open(&registry_path).map_err(|e| DemoError::Setup(e.to_string()))?;
-        reg.import_devices(Path::new("devices.csv"), DEVICES_CSV)
+        reg.import_devices(Path::new("devices.csv"), DEVICES_CSV, "demo")
             .map_err(|e| DemoError::Setup(e.to_string()))?;
-        reg.import_verifications(Path::new("verifications.csv"), VERIFICATIONS_CSV)
+        reg.import_verifications(Path::new("verifications.csv"), VERIFICATIONS_CSV, "demo")
             .map_err(|e| DemoError::Setup(e.to_string()))?;
     }
 

@@ -4,13 +4,17 @@
 //! The data flows one way: [`ingest`] (decode, assignment, dedup) → [`sink`].
 #![forbid(unsafe_code)]
 
+pub mod alerts;
+pub mod audit;
 pub mod broker;
+pub mod checks;
 pub mod civil;
 pub mod config;
 pub mod demo;
 pub mod ingest;
 pub mod registry;
 pub mod sink;
+pub mod store;
 
 use std::sync::Arc;
 

@@ -8,7 +8,34 @@ use std::path::{Path, PathBuf};
 use calwatch_protocol::Id;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::audit::AuditEntry;
 use crate::civil::parse_iso8601;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A device as JSON for the audit log.
+fn device_json(d: &Device) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id.as_str(), "kind": d.kind.as_str(), "owner": d.owner.as_str(), "site": d.site.as_str(),
+        "agent": d.agent.as_str(), "model": d.model, "serial": d.serial, "accuracy_class": d.accuracy_class,
+        "max": d.max, "e": d.e, "mpe_pct": d.mpe_pct, "interval_s": d.interval_s,
+        "reference_device": d.reference_device.as_ref().map(|r| r.as_str()),
+    })
+}
+
+/// A certificate as JSON for the audit log.
+fn certificate_json(c: &Certificate) -> serde_json::Value {
+    serde_json::json!({
+        "certificate": c.certificate, "verified_at": c.verified_at, "valid_until": c.valid_until,
+        "result": if c.passed { "pass" } else { "fail" }, "verifier": c.verifier,
+        "event_counter": c.event_counter, "k_factor": c.k_factor,
+    })
+}
 
 /// Instrument families with their own checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -210,6 +237,7 @@ impl Registry {
         )
         .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        crate::audit::init(&conn).map_err(db)?;
         let mut reg = Registry {
             conn,
             path: path.to_path_buf(),
@@ -338,7 +366,7 @@ impl Registry {
     }
 
     /// Imports `devices.csv` text (new devices are added, known ids updated). All or nothing.
-    pub fn import_devices(&mut self, file: &Path, text: &str) -> Result<usize, ImportError> {
+    pub fn import_devices(&mut self, file: &Path, text: &str, actor: &str) -> Result<usize, ImportError> {
         let rows = parse_csv(file, text, &DEVICE_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
@@ -374,7 +402,25 @@ impl Registry {
             reason: format!("registry: {e}"),
         };
         let tx = self.conn.transaction().map_err(db_err)?;
+        let now = now_ms();
         for d in &parsed {
+            let old = self.devices.get(d.id.as_str()).map(device_json);
+            let new = device_json(d);
+            if old.as_ref() != Some(&new) {
+                crate::audit::append(
+                    &tx,
+                    &AuditEntry {
+                        ts: now,
+                        actor: actor.to_string(),
+                        action: if old.is_some() { "device.update" } else { "device.register" }.into(),
+                        subject: d.id.to_string(),
+                        old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
+                        new: new.to_string(),
+                        why: format!("import {}", file.display()),
+                    },
+                )
+                .map_err(db_err)?;
+            }
             tx.execute(
                 "INSERT INTO device (id, kind, owner, site, agent, model, serial, accuracy_class, max, e, mpe_pct, interval_s, reference_device)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -398,7 +444,7 @@ impl Registry {
     }
 
     /// Imports `verifications.csv` text. Every device must be registered. All or nothing.
-    pub fn import_verifications(&mut self, file: &Path, text: &str) -> Result<usize, ImportError> {
+    pub fn import_verifications(&mut self, file: &Path, text: &str, actor: &str) -> Result<usize, ImportError> {
         let rows = parse_csv(file, text, &VERIFICATION_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
@@ -421,7 +467,29 @@ impl Registry {
             reason: format!("registry: {e}"),
         };
         let tx = self.conn.transaction().map_err(db_err)?;
+        let now = now_ms();
         for (device, c) in &parsed {
+            let old = self
+                .devices
+                .get(device.as_str())
+                .and_then(|d| d.certificates.iter().find(|o| o.certificate == c.certificate))
+                .map(certificate_json);
+            let new = certificate_json(c);
+            if old.as_ref() != Some(&new) {
+                crate::audit::append(
+                    &tx,
+                    &AuditEntry {
+                        ts: now,
+                        actor: actor.to_string(),
+                        action: if old.is_some() { "certificate.update" } else { "certificate.record" }.into(),
+                        subject: device.to_string(),
+                        old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
+                        new: new.to_string(),
+                        why: format!("import {}", file.display()),
+                    },
+                )
+                .map_err(db_err)?;
+            }
             tx.execute(
                 "INSERT INTO verification (device, certificate, verified_at, valid_until, result, verifier, event_counter, k_factor)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -441,6 +509,11 @@ impl Registry {
             reason: e.to_string(),
         })?;
         Ok(parsed.len())
+    }
+
+    /// Checks the audit chain; returns its length.
+    pub fn verify_audit(&self) -> Result<u64, crate::audit::AuditError> {
+        crate::audit::verify(&self.conn)
     }
 
     /// Number of certificates of a device on disk (for tests and the CLI summary).
@@ -697,7 +770,7 @@ M-2,energy_meter,works-2,plant-1,agent-c,SDM630,E78,0.5S,,,,60,M-1
     fn import_and_vstate() {
         let mut r = registry("ok");
         assert_eq!(
-            r.import_devices(Path::new("devices.csv"), DEVICES).unwrap(),
+            r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap(),
             4
         );
         assert_eq!(r.device("D-1").unwrap().mpe_pct, Some(0.5));
@@ -706,7 +779,12 @@ M-2,energy_meter,works-2,plant-1,agent-c,SDM630,E78,0.5S,,,,60,M-1
 S-1,C-1,2025-03-01,2026-02-28,pass,bureau-7,7,
 S-1,C-2,2026-03-05,,fail,bureau-7,,
 ";
-        assert_eq!(r.import_verifications(Path::new("v.csv"), v).unwrap(), 2);
+        assert_eq!(r.import_verifications(Path::new("v.csv"), v, "test").unwrap(), 2);
+        // 4 devices registered + 2 certificates recorded, chained; a re-import of the same
+        // rows changes nothing and adds no entry.
+        assert_eq!(r.verify_audit().unwrap(), 6);
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap();
+        assert_eq!(r.verify_audit().unwrap(), 6);
         let s = r.device("S-1").unwrap();
         let day = 86_400_000;
         let feb28 = crate::civil::parse_iso8601("2026-02-28")
@@ -750,7 +828,7 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
         for (row, why) in cases {
             let text = format!("{}{row}\n", &DEVICES[..DEVICES.find("D-1").unwrap()]);
             let err = r
-                .import_devices(Path::new("devices.csv"), &text)
+                .import_devices(Path::new("devices.csv"), &text, "test")
                 .unwrap_err();
             assert_eq!(err.line, Some(3), "{row}: {err}");
             assert!(err.to_string().starts_with("devices.csv:3: "), "{err}");
@@ -758,13 +836,13 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
             assert!(r.is_empty(), "nothing written after {row}");
         }
         let err = r
-            .import_devices(Path::new("d.csv"), "id,kind\nS-1,scale\n")
+            .import_devices(Path::new("d.csv"), "id,kind\nS-1,scale\n", "test")
             .unwrap_err();
         assert_eq!(err.line, Some(1));
         assert!(err.reason.contains("missing column"), "{err}");
-        r.import_devices(Path::new("devices.csv"), DEVICES).unwrap();
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap();
         let err = r
-            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2027-01-01,pass,v,,\nX-9,C,2026-01-01,2027-01-01,pass,v,,\n")
+            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2027-01-01,pass,v,,\nX-9,C,2026-01-01,2027-01-01,pass,v,,\n", "test")
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -772,7 +850,7 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
         );
         assert_eq!(r.certificate_count("S-1").unwrap(), 0);
         let err = r
-            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2025-01-01,pass,v,,\n")
+            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2025-01-01,pass,v,,\n", "test")
             .unwrap_err();
         assert!(err.reason.contains("not after"), "{err}");
     }

@@ -40,6 +40,11 @@ enum Command {
         devices: PathBuf,
         verifications: Option<PathBuf>,
     },
+    /// Check the audit log's hash chain.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run everything on embedded defaults: broker, simulated instruments, agents, gateway.
     Demo {
         /// Working directory (default: a new temp dir).
@@ -104,10 +109,11 @@ fn main() -> ExitCode {
                         return ExitCode::from(CONFIG_ERROR);
                     }
                 };
+                let actor = format!("import:{}", std::env::var("USER").unwrap_or_else(|_| "cli".into()));
                 let result = if is_devices {
-                    reg.import_devices(&file, &text)
+                    reg.import_devices(&file, &text, &actor)
                 } else {
-                    reg.import_verifications(&file, &text)
+                    reg.import_verifications(&file, &text, &actor)
                 };
                 match result {
                     Ok(n) => println!("{}: imported {n} rows", file.display()),
@@ -118,6 +124,22 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Verify { config } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            let result = Registry::open(&cfg.registry.path).map_err(|e| e.to_string()).and_then(|r| r.verify_audit().map_err(|e| e.to_string()));
+            match result {
+                Ok(n) => {
+                    println!("audit log: {n} entries, chain intact");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("calwatch-gateway verify: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Run { config } => {
             let Ok(cfg) = load(&config) else {

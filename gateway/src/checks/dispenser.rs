@@ -1,0 +1,310 @@
+//! Dispenser integrity (DESIGN "Dispenser integrity", decisions 6 and 7): the displayed volume
+//! of each sale against the independent encoder (JJG 443-2006 on: the dispenser itself locks
+//! after 5 cumulative deviations beyond ±0.6 %), and the totalizer against the sales.
+
+use calwatch_protocol::{AlertKind, Severity};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+
+use super::mpe::{dispenser_mpe_l, dispenser_mpe_pct, within};
+use super::seal::Step;
+use super::{
+    clear, evidence, num, raise_event, Ctx, DeviceState, Register, Touched, Values, Verdict, TIE,
+};
+
+/// The totalizer tolerance never goes below this (decision 6): the registers' resolution.
+pub const TOTALIZER_MIN_TOLERANCE_L: f64 = 0.02;
+
+/// Sales with a display/encoder deviation since the current verification.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheatingState {
+    /// Sales counted (decision 7); restarts at each new passing verification.
+    pub count: u32,
+    /// Deviation of the last counted sale, percent of the encoder volume.
+    pub last_deviation_pct: Option<f64>,
+}
+
+/// |display − encoder| / encoder in percent; `None` without a positive encoder volume.
+pub fn deviation_pct(display_l: f64, encoder_l: f64) -> Option<f64> {
+    (encoder_l > 0.0).then(|| (display_l - encoder_l).abs() / encoder_l * 100.0)
+}
+
+/// A dispenser reading. A new sale is a `sale_id` different from the last one seen (the first
+/// one seen is a baseline, not a sale); `sale_l` and `encoder_sale_l` describe it.
+pub(super) fn check(
+    ctx: &Ctx<'_>,
+    state: &mut DeviceState,
+    v: &Values,
+    totalizer: Option<Step>,
+    out: &mut Vec<Verdict>,
+    touched: &mut Touched,
+) {
+    let new_sale = matches!((v.sale_id, state.sale_id), (Some(id), Some(prev)) if id != prev);
+    if v.sale_id.is_some() {
+        state.sale_id = v.sale_id;
+    }
+    if let (Some(Step::Forward(prev)), Some(total)) = (totalizer, v.totalizer_l) {
+        // Only between consecutive readings; across a seq gap sales may be missing.
+        if prev.seq + 1 == ctx.seq {
+            let sold = if new_sale { v.sale_l } else { Some(0.0) };
+            if let Some(sold) = sold {
+                totalizer_check(ctx, state, prev, total, sold, out);
+            }
+        }
+    }
+    if new_sale {
+        if let (Some(display), Some(encoder)) = (v.sale_l, v.encoder_sale_l) {
+            sale(ctx, state, v.sale_id, display, encoder, out, touched);
+        }
+    }
+}
+
+/// Decision 6: a reading's `totalizer_l` includes its own sale, so the advance since the
+/// previous reading must equal the new sale (or nothing) within max(`mpe_pct` of it, 0.02 L).
+fn totalizer_check(
+    ctx: &Ctx<'_>,
+    state: &mut DeviceState,
+    prev: Register,
+    total: f64,
+    sold: f64,
+    out: &mut Vec<Verdict>,
+) {
+    let advance = total - prev.value;
+    let tolerance =
+        (dispenser_mpe_pct(ctx.device) / 100.0 * sold.abs()).max(TOTALIZER_MIN_TOLERANCE_L);
+    if within(advance - sold, tolerance) {
+        clear(&mut state.present, AlertKind::TotalizerMismatch, out);
+        return;
+    }
+    let r3 = |x: f64| super::rounded(x, 3);
+    raise_event(
+        &mut state.present,
+        AlertKind::TotalizerMismatch,
+        Severity::Warning,
+        ctx.ts,
+        out,
+        format!(
+            "totalizer advanced {} L between readings {} and {}, sales {} L (tolerance ±{} L)",
+            r3(advance),
+            prev.seq,
+            ctx.seq,
+            r3(sold),
+            r3(tolerance)
+        ),
+        evidence([
+            ("advance_l", num(advance, 3)),
+            ("sales_l", num(sold, 3)),
+            ("difference_l", num(advance - sold, 3)),
+            ("tolerance_l", num(tolerance, 3)),
+            ("from_seq", JsonValue::from(prev.seq)),
+            ("seq", JsonValue::from(ctx.seq)),
+        ]),
+    );
+}
+
+/// One new sale: feeds the `encoder` drift source and counts a deviation beyond
+/// `cheat_deviation_pct`; from the `cheat_sales`-th counted sale on each one raises
+/// `cheating_suspected` (critical), latched until the next passing verification.
+fn sale(
+    ctx: &Ctx<'_>,
+    state: &mut DeviceState,
+    sale_id: Option<f64>,
+    display: f64,
+    encoder: f64,
+    out: &mut Vec<Verdict>,
+    touched: &mut Touched,
+) {
+    let Some(dev) = deviation_pct(display, encoder) else {
+        return;
+    };
+    let cfg = ctx.cfg;
+    let mpe = dispenser_mpe_l(dispenser_mpe_pct(ctx.device), encoder);
+    touched.feed(
+        &mut state.drift.encoder,
+        ctx.ts,
+        (display - encoder) / mpe,
+        &cfg.drift,
+    );
+    // Exactly at the threshold does not count ("more than 0.6 %").
+    if dev <= cfg.cheat_deviation_pct * (1.0 + TIE) {
+        return;
+    }
+    let c = &mut state.cheating;
+    c.count = c.count.saturating_add(1);
+    c.last_deviation_pct = Some(dev);
+    if c.count < cfg.cheat_sales {
+        return;
+    }
+    let count = c.count;
+    raise_event(
+        &mut state.present,
+        AlertKind::CheatingSuspected,
+        Severity::Critical,
+        ctx.ts,
+        out,
+        format!(
+            "{count} sales with display/encoder deviation beyond {}%",
+            cfg.cheat_deviation_pct
+        ),
+        evidence([
+            ("count", JsonValue::from(count)),
+            ("last_deviation_pct", num(dev, 3)),
+            ("threshold_pct", JsonValue::from(cfg.cheat_deviation_pct)),
+            ("sale_id", sale_id.map_or(JsonValue::Null, JsonValue::from)),
+            ("sale_l", JsonValue::from(display)),
+            ("encoder_sale_l", JsonValue::from(encoder)),
+        ]),
+    );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use calwatch_protocol::{AlertKind, Severity};
+
+    use super::super::fixtures::*;
+    use super::super::{CheckConfig, DeviceState, Verdict};
+    use super::*;
+    use crate::registry::DeviceKind;
+
+    #[test]
+    fn deviation() {
+        assert_eq!(
+            deviation_pct(20.2, 20.0).map(|d| (d * 1e9).round() / 1e9),
+            Some(1.0)
+        );
+        assert_eq!(deviation_pct(1.0, 0.0), None);
+    }
+
+    #[test]
+    fn fifth_deviating_sale_raises_and_a_new_certificate_restarts_the_count() {
+        let mut d = device(DeviceKind::Dispenser, None);
+        d.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let mut seq = 0;
+        let mut sale = |d: &crate::registry::Device,
+                        st: &mut DeviceState,
+                        id: f64,
+                        display: f64,
+                        encoder: f64| {
+            seq += 1;
+            run(
+                d,
+                st,
+                &cfg,
+                seq,
+                seq as i64 * 60_000,
+                &[
+                    ("sale_id", n(id)),
+                    ("sale_l", n(display)),
+                    ("encoder_sale_l", n(encoder)),
+                ],
+            )
+        };
+        // the first sale seen is a baseline, even when it deviates
+        assert!(sale(&d, &mut st, 100.0, 20.2, 20.0).is_empty());
+        assert_eq!(st.cheating.count, 0);
+        for id in 101..=104 {
+            assert!(
+                sale(&d, &mut st, id as f64, 20.2, 20.0).is_empty(),
+                "sale {id}"
+            );
+            // the same sale polled again is not another sale
+            assert!(sale(&d, &mut st, id as f64, 20.2, 20.0).is_empty());
+        }
+        assert_eq!(st.cheating.count, 4);
+        // exactly 0.6 % and a clean sale do not count
+        assert!(sale(&d, &mut st, 105.0, 50.3, 50.0).is_empty());
+        assert!(sale(&d, &mut st, 106.0, 35.02, 35.02).is_empty());
+        assert_eq!(st.cheating.count, 4);
+        let v = sale(&d, &mut st, 107.0, 40.0, 40.364);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::CheatingSuspected, Severity::Critical)]
+        );
+        let Verdict::Raise {
+            message, evidence, ..
+        } = &v[0]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            message,
+            "5 sales with display/encoder deviation beyond 0.6%"
+        );
+        assert_eq!(evidence["last_deviation_pct"], 0.902);
+        assert_eq!(evidence["count"], 5);
+        // each further deviating sale repeats it
+        assert_eq!(raised(&sale(&d, &mut st, 108.0, 20.2, 20.0)).len(), 1);
+        // re-verified: cleared, the count restarts
+        d.certificates
+            .push(cert("C-2", 14 * 60_000, Some(400 * DAY), true, None, None));
+        let v = sale(&d, &mut st, 109.0, 20.2, 20.0);
+        assert_eq!(v, [clear_of(AlertKind::CheatingSuspected)]);
+        assert_eq!(st.cheating.count, 1);
+    }
+
+    #[test]
+    fn totalizer_match_mismatch_and_gap() {
+        let mut d = device(DeviceKind::Dispenser, None);
+        d.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let r = |st: &mut DeviceState, seq: u64, total: f64, id: f64, sale: f64| {
+            run(
+                &d,
+                st,
+                &cfg,
+                seq,
+                seq as i64 * 60_000,
+                &[
+                    ("totalizer_l", n(total)),
+                    ("sale_id", n(id)),
+                    ("sale_l", n(sale)),
+                    ("encoder_sale_l", n(sale)),
+                ],
+            )
+        };
+        assert!(r(&mut st, 1, 1000.0, 1.0, 10.0).is_empty());
+        // a new 20 L sale, included in the totalizer
+        assert!(r(&mut st, 2, 1020.0, 2.0, 20.0).is_empty());
+        // no new sale, no advance; then an advance within the 0.02 L floor
+        assert!(r(&mut st, 3, 1020.0, 2.0, 20.0).is_empty());
+        assert!(r(&mut st, 4, 1020.02, 2.0, 20.0).is_empty());
+        // advance without a sale
+        let v = r(&mut st, 5, 1020.05, 2.0, 20.0);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::TotalizerMismatch, Severity::Warning)]
+        );
+        let Verdict::Raise {
+            message, evidence, ..
+        } = &v[0]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            message,
+            "totalizer advanced 0.03 L between readings 4 and 5, sales 0 L (tolerance ±0.02 L)"
+        );
+        assert_eq!(evidence["difference_l"], 0.03);
+        // a 30 L sale, totalizer +30.15: exactly 0.5 %, within; clears
+        assert_eq!(
+            r(&mut st, 6, 1050.2, 3.0, 30.0),
+            [clear_of(AlertKind::TotalizerMismatch)]
+        );
+        // +30.16 is not
+        assert_eq!(raised(&r(&mut st, 7, 1080.36, 4.0, 30.0)).len(), 1);
+        // across a seq gap: skipped
+        assert!(r(&mut st, 9, 2000.0, 5.0, 1.0).is_empty());
+        // and between consecutive readings again
+        assert_eq!(
+            r(&mut st, 10, 2001.0, 6.0, 1.0),
+            [clear_of(AlertKind::TotalizerMismatch)]
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! What the gateway remembers across restarts besides the registry: per-device check state
+//! (with the dedup high-water mark), open and past alerts, and the next alert id. Kept in
+//! the registry's SQLite file; one transaction per ingest commit, together with the audit
+//! entries of the alert transitions in it.
+
+use std::path::Path;
+
+use calwatch_protocol::{AlertEvent, AlertState, Id};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::alerts::OpenAlert;
+use crate::audit::{self, AuditEntry};
+use crate::checks::DeviceState;
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("state store: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS device_state (
+    device TEXT PRIMARY KEY, state TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS alert (
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    owner TEXT NOT NULL, raised INTEGER NOT NULL, updated INTEGER NOT NULL,
+    event TEXT NOT NULL, clear_since INTEGER, seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alert_open ON alert(state) WHERE state != 'resolved';
+CREATE INDEX IF NOT EXISTS alert_seq ON alert(seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// Per-device state as persisted.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SavedDevice {
+    pub state: DeviceState,
+    /// Sequence numbers skipped so far (CONTRACT §1: counted, reported in device status).
+    pub gaps: u64,
+}
+
+/// The state store.
+pub struct StateStore {
+    conn: Connection,
+}
+
+/// One ingest commit: what changed since the last one.
+#[derive(Default)]
+pub struct Commit<'a> {
+    pub devices: Vec<(&'a Id, &'a SavedDevice)>,
+    /// Alert versions to store, with their clear-since time.
+    pub alerts: Vec<(AlertEvent, Option<i64>)>,
+    /// Alert transitions to audit (state changes and severity changes).
+    pub transitions: Vec<AlertEvent>,
+    pub next_alert_id: u64,
+}
+
+impl StateStore {
+    pub fn open(path: &Path) -> Result<StateStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")?;
+        conn.execute_batch(SCHEMA)?;
+        audit::init(&conn)?;
+        Ok(StateStore { conn })
+    }
+
+    /// Every device's saved state.
+    pub fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT device, state, gaps FROM device_state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device, state, gaps) = row?;
+            let Ok(id) = Id::new(device) else { continue };
+            out.push((id, SavedDevice { state: serde_json::from_str(&state)?, gaps: gaps.max(0) as u64 }));
+        }
+        Ok(out)
+    }
+
+    /// Open alerts and the next alert id.
+    pub fn load_alerts(&self) -> Result<(Vec<OpenAlert>, u64), StoreError> {
+        let mut stmt = self.conn.prepare("SELECT event, clear_since FROM alert WHERE state != 'resolved'")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+        let mut open = Vec::new();
+        for row in rows {
+            let (event, clear_since) = row?;
+            let event = AlertEvent::decode(event.as_bytes()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            open.push(OpenAlert { event, clear_since });
+        }
+        let next: Option<i64> = self.conn.query_row("SELECT value FROM meta WHERE key = 'next_alert_id'", [], |r| r.get(0)).optional()?;
+        Ok((open, next.unwrap_or(1).max(1) as u64))
+    }
+
+    /// Writes one commit atomically.
+    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put_state = tx.prepare_cached(
+                "INSERT INTO device_state (device, state, gaps) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3",
+            )?;
+            for (id, saved) in &c.devices {
+                put_state.execute(params![id.as_str(), serde_json::to_string(&saved.state)?, saved.gaps as i64])?;
+            }
+            let mut put_alert = tx.prepare_cached(
+                "INSERT INTO alert (id, device, kind, state, owner, raised, updated, event, clear_since, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT(id) DO UPDATE SET state = ?4, updated = ?7, event = ?8, clear_since = ?9",
+            )?;
+            for (a, clear_since) in &c.alerts {
+                let seq: i64 = a.id.trim_start_matches("a-").parse().unwrap_or(0);
+                put_alert.execute(params![
+                    a.id, a.device.as_str(), a.kind.as_str(), a.state.as_str(), a.owner.as_str(),
+                    a.raised, a.updated, String::from_utf8_lossy(&a.encode()), clear_since, seq
+                ])?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_alert_id', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+                params![c.next_alert_id as i64],
+            )?;
+        }
+        for t in &c.transitions {
+            audit::append(
+                &tx,
+                &AuditEntry {
+                    ts: now_ms,
+                    actor: t.ack_by.clone().filter(|_| t.state == AlertState::Acknowledged).unwrap_or_else(|| "gateway".into()),
+                    action: format!("alert.{}", t.state.as_str()),
+                    subject: t.id.clone(),
+                    old: "null".into(),
+                    new: String::from_utf8_lossy(&t.encode()).into_owned(),
+                    why: t.message.clone(),
+                },
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Alerts, newest first, filtered; for the API.
+    pub fn alerts(&self, filter: &AlertFilter, limit: usize, offset: usize) -> Result<Vec<AlertEvent>, StoreError> {
+        let mut sql = String::from("SELECT event FROM alert WHERE 1=1");
+        let mut args: Vec<String> = Vec::new();
+        for (col, v) in [("state", &filter.state), ("kind", &filter.kind), ("owner", &filter.owner), ("device", &filter.device)] {
+            if let Some(v) = v {
+                args.push(v.clone());
+                sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+            }
+        }
+        if let Some(after) = filter.after_seq {
+            sql.push_str(&format!(" AND seq > {after}"));
+        }
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {limit} OFFSET {offset}"));
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let text = row?;
+            if let Ok(e) = AlertEvent::decode(text.as_bytes()) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Filters of `GET /api/alerts`.
+#[derive(Debug, Default, Clone)]
+pub struct AlertFilter {
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    pub owner: Option<String>,
+    pub device: Option<String>,
+    pub after_seq: Option<u64>,
+}
