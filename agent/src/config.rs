@@ -20,12 +20,14 @@ pub struct AgentConfig {
     pub spool: SpoolConfig,
     /// Batching of readings into one MQTT message.
     pub batch: BatchConfig,
+    pub publish: PublishConfig,
     pub devices: Vec<DeviceConfig>,
     /// The file this came from; relative paths inside were resolved against it.
     pub file: PathBuf,
 }
 
-/// Where the agent keeps what must survive a restart.
+/// Where the agent keeps what must survive a restart: the spool of batches not yet
+/// acknowledged by the broker, and the per-device sequence numbers.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
@@ -34,10 +36,98 @@ pub struct SpoolConfig {
     /// Upper bound of the spool on disk, in bytes.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// Size of one segment file, in bytes.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// When the spool is full: `drop_oldest` (lose the oldest unsent batches) or
+    /// `block_polling` (refuse new batches until the broker catches up; polling goes on).
+    #[serde(default = "default_full_policy")]
+    pub full_policy: String,
+    /// `batch`: fsync every batch; `interval`: fsync every `fsync_interval_ms` (group
+    /// commit: faster, but a power cut can lose that much).
+    #[serde(default = "default_fsync")]
+    pub fsync: String,
+    #[serde(default = "default_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
 }
 
 fn default_max_bytes() -> u64 {
     1 << 30
+}
+fn default_segment_bytes() -> u64 {
+    8 << 20
+}
+fn default_full_policy() -> String {
+    "drop_oldest".into()
+}
+fn default_fsync() -> String {
+    "batch".into()
+}
+fn default_fsync_interval_ms() -> u64 {
+    100
+}
+
+impl SpoolConfig {
+    /// The spool's settings, or what is wrong with them.
+    pub fn spool(&self) -> Result<(calwatch_spool::SpoolConfig, Option<Duration>), String> {
+        let full = calwatch_spool::FullPolicy::parse(&self.full_policy).ok_or_else(|| {
+            format!(
+                "spool.full_policy {:?}: expected drop_oldest or block_polling",
+                self.full_policy
+            )
+        })?;
+        let (sync, every) = match self.fsync.as_str() {
+            "batch" => (calwatch_spool::SyncPolicy::EveryAppend, None),
+            "interval" if self.fsync_interval_ms > 0 => (
+                calwatch_spool::SyncPolicy::Manual,
+                Some(Duration::from_millis(self.fsync_interval_ms)),
+            ),
+            _ => {
+                return Err(format!(
+                    "spool.fsync {:?}: expected batch or interval (with fsync_interval_ms > 0)",
+                    self.fsync
+                ))
+            }
+        };
+        if self.max_bytes < 2 * 1024 * 1024 {
+            return Err(
+                "spool.max_bytes must be at least 2 MiB (two segments of the largest batch)".into(),
+            );
+        }
+        let mut cfg = calwatch_spool::SpoolConfig::new(self.dir.join("batches"));
+        cfg.max_bytes = self.max_bytes;
+        // A segment holds at least one largest batch (256 KiB plus record header).
+        cfg.segment_bytes = self.segment_bytes.max(300 * 1024);
+        cfg.sync = sync;
+        cfg.full = full;
+        Ok((cfg, every))
+    }
+}
+
+/// MQTT delivery tuning.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Batches published and not yet acknowledged, at most.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Upper bound of batches sent per second (0: as fast as the broker acknowledges);
+    /// applies to the backlog after an outage and to live data alike (order is kept).
+    #[serde(default)]
+    pub catchup_batches_per_s: u32,
+}
+
+fn default_inflight() -> u16 {
+    16
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            inflight: default_inflight(),
+            catchup_batches_per_s: 0,
+        }
+    }
 }
 
 /// How readings are grouped into batches.
@@ -140,6 +230,8 @@ struct RawConfig {
     #[serde(default)]
     batch: BatchConfig,
     #[serde(default)]
+    publish: PublishConfig,
+    #[serde(default)]
     device: Vec<toml::Spanned<RawDevice>>,
 }
 
@@ -193,6 +285,13 @@ impl AgentConfig {
             ));
         }
         raw.mqtt.validate(path)?;
+        raw.spool.spool().map_err(|m| ConfigError::whole(path, m))?;
+        if raw.publish.inflight == 0 || raw.publish.inflight > 1000 {
+            return Err(ConfigError::whole(
+                path,
+                "publish.inflight must be 1..=1000",
+            ));
+        }
         let mut devices: Vec<DeviceConfig> = Vec::with_capacity(raw.device.len());
         for spanned in raw.device {
             let offset = spanned.span().start;
@@ -222,16 +321,25 @@ impl AgentConfig {
                 .map_err(|e| err(format!("device {id}: profile: {e}")))?;
             let mut value_intervals = BTreeMap::new();
             for (name, ms) in d.value_interval_ms {
-                if !profile.values.iter().any(|v| v.name.as_str() == name && !v.is_identity()) {
-                    return Err(err(format!("device {id}: value_interval_ms names {name:?}, not a value of the profile")));
+                if !profile
+                    .values
+                    .iter()
+                    .any(|v| v.name.as_str() == name && !v.is_identity())
+                {
+                    return Err(err(format!(
+                        "device {id}: value_interval_ms names {name:?}, not a value of the profile"
+                    )));
                 }
                 if ms < d.interval_ms {
-                    return Err(err(format!("device {id}: value_interval_ms.{name} = {ms} is shorter than interval_ms")));
+                    return Err(err(format!(
+                        "device {id}: value_interval_ms.{name} = {ms} is shorter than interval_ms"
+                    )));
                 }
                 let name = Id::new(name).map_err(|e| err(format!("device {id}: {e}")))?;
                 value_intervals.insert(name, Duration::from_millis(ms));
             }
-            let delay = Duration::from_millis(d.delay_ms.unwrap_or_else(|| transport.default_delay_ms()));
+            let delay =
+                Duration::from_millis(d.delay_ms.unwrap_or_else(|| transport.default_delay_ms()));
             devices.push(DeviceConfig {
                 id,
                 profile,
@@ -254,6 +362,7 @@ impl AgentConfig {
             mqtt,
             spool,
             batch: raw.batch,
+            publish: raw.publish,
             devices,
             file: path.to_path_buf(),
         })
@@ -264,7 +373,9 @@ impl AgentConfig {
 fn parse_address(address: &str) -> Result<Transport, String> {
     let hostport = |s: &str| -> Result<String, String> {
         match s.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(s.to_string())
+            }
             _ => Err(format!("address {address:?}: expected host:port")),
         }
     };
@@ -274,11 +385,21 @@ fn parse_address(address: &str) -> Result<Transport, String> {
     if let Some(rest) = address.strip_prefix("rtu://") {
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         if !path.starts_with('/') {
-            return Err(format!("address {address:?}: expected rtu:///dev/ttyX?baud=N"));
+            return Err(format!(
+                "address {address:?}: expected rtu:///dev/ttyX?baud=N"
+            ));
         }
-        let mut line = SerialLine { path: path.to_string(), baud: 9600, parity: 'N', data_bits: 8, stop_bits: 1 };
+        let mut line = SerialLine {
+            path: path.to_string(),
+            baud: 9600,
+            parity: 'N',
+            data_bits: 8,
+            stop_bits: 1,
+        };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| format!("address {address:?}: {pair:?} is not key=value"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("address {address:?}: {pair:?} is not key=value"))?;
             let bad = || format!("address {address:?}: bad {k} {v:?}");
             match k {
                 "baud" => line.baud = v.parse().ok().filter(|&b| b > 0).ok_or_else(bad)?,

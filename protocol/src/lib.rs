@@ -19,7 +19,7 @@ pub use alert::{AlertEvent, AlertKind, AlertState, Severity, UnknownVariantError
 pub use batch::{Reading, ReadingBatch, Value};
 pub use error::{DecodeError, EncodeError, RejectReason};
 pub use id::{is_valid_id, Id, IdError};
-pub use status::{AgentState, AgentStatus, DeviceHealth, DeviceInfo};
+pub use status::{AgentState, AgentStatus, DeviceHealth, DeviceInfo, SpoolStatus};
 pub use topic::{
     alert_topic, readings_topic, status_topic, Topic, TopicError, ALERTS_FILTER, READINGS_FILTER,
     STATUS_FILTER,

@@ -53,6 +53,21 @@ pub struct DeviceHealth {
     pub consecutive_failures: u64,
 }
 
+/// The state of the agent's disk spool: what is waiting and what its full-policy did.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct SpoolStatus {
+    /// Batches spooled and not yet acknowledged by the broker.
+    pub unacked: u64,
+    /// Batches the `drop_oldest` policy discarded (lifetime).
+    pub dropped: u64,
+    /// Batches refused by the `block_polling` policy while the spool was full (lifetime).
+    pub rejected: u64,
+    /// `drop_oldest` or `block_polling`.
+    pub policy: String,
+    /// Whether the spool is at its `max_bytes` now.
+    pub full: bool,
+}
+
 /// The payload of `calwatch/v1/agents/{agent}/status`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentStatus {
@@ -72,6 +87,8 @@ pub struct AgentStatus {
     pub device_info: BTreeMap<Id, DeviceInfo>,
     /// Polling health per device; omitted from the JSON when empty.
     pub health: BTreeMap<Id, DeviceHealth>,
+    /// Spool details (additive within v1; omitted when unknown).
+    pub spool: Option<SpoolStatus>,
 }
 
 impl AgentStatus {
@@ -100,6 +117,8 @@ struct StatusOut<'a> {
     device_info: &'a BTreeMap<Id, DeviceInfo>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     health: &'a BTreeMap<Id, DeviceHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spool: &'a Option<SpoolStatus>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +135,8 @@ struct StatusIn {
     device_info: BTreeMap<Id, DeviceInfo>,
     #[serde(default)]
     health: BTreeMap<Id, DeviceHealth>,
+    #[serde(default)]
+    spool: Option<SpoolStatus>,
 }
 
 impl Serialize for AgentStatus {
@@ -130,6 +151,7 @@ impl Serialize for AgentStatus {
             ts: self.ts,
             device_info: &self.device_info,
             health: &self.health,
+            spool: &self.spool,
         }
         .serialize(serializer)
     }
@@ -147,6 +169,7 @@ impl<'de> Deserialize<'de> for AgentStatus {
             ts: s.ts,
             device_info: s.device_info,
             health: s.health,
+            spool: s.spool,
         })
     }
 }
@@ -171,7 +194,27 @@ mod tests {
             ts: 1_764_421_200_123,
             device_info: BTreeMap::new(),
             health: BTreeMap::new(),
+            spool: None,
         }
+    }
+
+    #[test]
+    fn spool_details_round_trip() {
+        let mut s = minimal();
+        s.spool = Some(SpoolStatus {
+            unacked: 3,
+            dropped: 1,
+            rejected: 0,
+            policy: "drop_oldest".into(),
+            full: true,
+        });
+        let back = AgentStatus::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        // Older agents omit it.
+        assert_eq!(
+            AgentStatus::decode(&minimal().encode()).unwrap().spool,
+            None
+        );
     }
 
     #[test]

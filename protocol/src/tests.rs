@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use crate::{
     AgentState, AgentStatus, AlertEvent, AlertKind, AlertState, DeviceHealth, DeviceInfo, Id,
-    Reading, ReadingBatch, Severity, Value,
+    Reading, ReadingBatch, Severity, SpoolStatus, Value,
 };
 
 /// Runs every decoder; the property is only that none panics.
@@ -117,6 +117,13 @@ fn status() -> impl Strategy<Value = AgentStatus> {
                         )
                     })
                     .collect::<BTreeMap<_, _>>(),
+                spool: (n % 3 == 0).then(|| SpoolStatus {
+                    unacked: n / 7,
+                    dropped: n % 5,
+                    rejected: n % 11,
+                    policy: "block_polling".into(),
+                    full: n % 2 == 0,
+                }),
             },
         )
 }

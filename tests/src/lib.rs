@@ -2,6 +2,8 @@
 //! binaries, child processes that are killed when a test ends, and InfluxQL queries.
 #![forbid(unsafe_code)]
 
+pub mod broker;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
