@@ -146,6 +146,9 @@ impl MqttConfig {
             opts.set_credentials(user.clone(), password);
         }
         if url.tls {
+            // One TLS implementation in the tree (ring, through rustls); choose it explicitly
+            // so no feature of another crate can leave rustls guessing. Already set: fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let read = |p: &PathBuf, what: &str| {
                 std::fs::read(p).map_err(|e| format!("mqtt.{what} {}: {e}", p.display()))
             };

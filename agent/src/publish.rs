@@ -391,7 +391,10 @@ fn explain(e: &ConnectionError) -> String {
         ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
             "broker refused the user name or password (check mqtt.username and password_file / CALWATCH_MQTT_PASSWORD)".into()
         }
-        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => "broker says not authorized (check the ACL and credentials)".into(),
+        // mosquitto 2 answers a wrong password with "not authorized" too.
+        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
+            "broker refused the credentials: not authorized (check mqtt.username, password_file / CALWATCH_MQTT_PASSWORD and the broker's ACL)".into()
+        }
         ConnectionError::Tls(t) => format!("TLS: {t} (check mqtt.ca_file, the broker certificate's name and validity, and cert_file/key_file)"),
         other => other.to_string(),
     }

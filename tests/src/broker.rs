@@ -20,11 +20,39 @@ pub struct Mosquitto {
     log: PathBuf,
 }
 
-fn mosquitto_bin() -> String {
+/// As root, mosquitto drops to user `mosquitto`, which cannot enter a test's private temp
+/// dir; keep root there (tests only).
+pub fn stay_root() -> &'static str {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
+    if root {
+        "user root\n"
+    } else {
+        ""
+    }
+}
+
+/// The mosquitto binary (tests/run exports its path; /usr/sbin is not on every PATH).
+pub fn mosquitto_bin() -> String {
     std::env::var("CALWATCH_MOSQUITTO_BIN").unwrap_or_else(|_| "mosquitto".into())
 }
 
 impl Mosquitto {
+    /// Starts mosquitto with a config file written by the caller; `port` is the one to wait for.
+    pub fn with_conf(conf: PathBuf, port: u16, log: PathBuf) -> Mosquitto {
+        let mut m = Mosquitto {
+            port,
+            conf,
+            child: None,
+            log,
+        };
+        m.restart();
+        m
+    }
+
     pub fn start(dir: &Path, port: u16) -> Mosquitto {
         let data = dir.join("mosquitto-data");
         std::fs::create_dir_all(&data).expect("mosquitto data dir");
@@ -32,8 +60,9 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                "{}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
                  autosave_interval 1\nmax_queued_messages 100000\nlog_dest stderr\n",
+                stay_root(),
                 data.display()
             ),
         )
@@ -165,8 +194,21 @@ pub struct Counter {
 impl Counter {
     /// Subscribes with a persistent session (so nothing is missed across broker restarts).
     pub async fn subscribe(port: u16, topic: &str, client_id: &str) -> Counter {
+        Counter::subscribe_as(port, topic, client_id, None).await
+    }
+
+    /// Subscribes with credentials.
+    pub async fn subscribe_as(
+        port: u16,
+        topic: &str,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+    ) -> Counter {
         let counter = Counter::default();
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
         opts.set_clean_session(false);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);

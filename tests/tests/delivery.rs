@@ -150,7 +150,8 @@ async fn delivery_survives_broker_down_30s() {
     broker.stop();
     tokio::time::sleep(Duration::from_secs(30)).await;
     broker.restart();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The backlog of the outage drains first (in order), then live data flows again.
+    wait_until_live(&counter, 2_000).await;
     assert_eq!(
         agent.terminate(Duration::from_secs(15)),
         Some(0),
@@ -258,7 +259,8 @@ async fn delivery_survives_a_blackholed_broker_port() {
     proxy
         .blackhole
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_until_live(&counter, 2_000).await;
     assert_eq!(
         agent.terminate(Duration::from_secs(15)),
         Some(0),
@@ -334,6 +336,7 @@ fn site_polls(agent: &Proc) -> u64 {
     agent
         .log_text()
         .lines()
+        .rev()
         .filter_map(|l| l.split("readings_polled=").nth(1))
         .filter_map(|rest| {
             rest.split(|c: char| !c.is_ascii_digit())
@@ -341,6 +344,6 @@ fn site_polls(agent: &Proc) -> u64 {
                 .parse()
                 .ok()
         })
-        .last()
+        .next()
         .unwrap_or(0)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use calwatch_agent::config::AgentConfig;
 use calwatch_agent::profile::Profile;
-use calwatch_agent::simulate::{self, Simulator};
+use calwatch_agent::simulate::{self, Fleet};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
@@ -34,12 +34,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Serve simulated instruments over Modbus TCP (unit ids 1..=count).
+    /// Serve simulated instruments over Modbus: `count` of one profile (unit ids
+    /// 1..=count), or a fleet file (groups, addresses, model options, faults).
     Simulate {
+        /// Profile of the instruments.
+        #[arg(long, required_unless_present = "fleet", conflicts_with = "fleet")]
+        profile: Option<PathBuf>,
+        /// Fleet file (see config/fleet/demo.toml).
         #[arg(long)]
-        profile: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:5020")]
-        listen: SocketAddr,
+        fleet: Option<PathBuf>,
+        /// Address to serve on [default: 127.0.0.1:5020]; with --fleet, every group is
+        /// served on this one address instead of its own.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=247))]
         count: u8,
     },
@@ -103,34 +110,46 @@ fn main() -> ExitCode {
         }
         Command::Simulate {
             profile,
+            fleet,
             listen,
             count,
         } => {
-            let profile = match Profile::load(&profile) {
-                Ok(p) => p,
+            let fleet = match (fleet, profile) {
+                (Some(path), _) => Fleet::load(&path).and_then(|mut f| {
+                    if let Some(addr) = listen {
+                        f.listen_all_on(addr)?;
+                    }
+                    Ok(f)
+                }),
+                (None, Some(path)) => Profile::load(&path).map(|p| {
+                    let addr = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5020)));
+                    Fleet::single(p, addr, count)
+                }),
+                (None, None) => {
+                    eprintln!("calwatch-agent simulate: give --profile FILE or --fleet FILE");
+                    return ExitCode::from(CONFIG_ERROR);
+                }
+            };
+            let fleet = match fleet {
+                Ok(f) => f,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(CONFIG_ERROR);
                 }
             };
             runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(listen).await {
-                    Ok(l) => l,
+                let ports = match simulate::bind(&fleet).await {
+                    Ok(p) => p,
                     Err(e) => {
-                        eprintln!("calwatch-agent: cannot listen on {listen}: {e}");
+                        eprintln!("calwatch-agent: {e}");
                         return ExitCode::FAILURE;
                     }
                 };
-                let addr = listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                println!(
-                    "simulating {count} x {} on {addr} (unit ids 1..={count})",
-                    profile.model
-                );
+                for p in &ports {
+                    println!("{}", p.banner());
+                }
                 tokio::select! {
-                    r = simulate::serve(listener, Simulator::new(profile, count)) => match r {
+                    r = simulate::serve_all(ports) => match r {
                         Ok(()) => ExitCode::SUCCESS,
                         Err(e) => { eprintln!("calwatch-agent: simulator: {e}"); ExitCode::FAILURE }
                     },
@@ -165,7 +184,9 @@ async fn watch_config(path: PathBuf, reload: tokio::sync::mpsc::Sender<AgentConf
                     return;
                 }
             }
-            Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the running one"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded; keeping the running one")
+            }
         }
     }
 }
