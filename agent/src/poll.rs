@@ -42,7 +42,10 @@ pub type SharedHealth = Arc<Mutex<FleetHealth>>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,26 +78,45 @@ struct Program {
 
 impl Program {
     fn new(dev: &DeviceConfig) -> Program {
-        let (identity, readings): (Vec<ValueDef>, Vec<ValueDef>) =
-            dev.profile.values.iter().cloned().partition(|v| v.is_identity());
+        let (identity, readings): (Vec<ValueDef>, Vec<ValueDef>) = dev
+            .profile
+            .values
+            .iter()
+            .cloned()
+            .partition(|v| v.is_identity());
         let mut by_interval: BTreeMap<Duration, Vec<ValueDef>> = BTreeMap::new();
         for v in readings {
-            let every = dev.value_intervals.get(&v.name).copied().unwrap_or(dev.interval);
+            let every = dev
+                .value_intervals
+                .get(&v.name)
+                .copied()
+                .unwrap_or(dev.interval);
             by_interval.entry(every).or_default().push(v);
         }
         let groups = by_interval
             .into_iter()
             .map(|(interval, values)| {
                 let plan = RequestPlan::new(&values.iter().collect::<Vec<_>>(), dev.max_gap);
-                Group { interval, values, plan }
+                Group {
+                    interval,
+                    values,
+                    plan,
+                }
             })
             .collect();
         let identity_plan = RequestPlan::new(&identity.iter().collect::<Vec<_>>(), dev.max_gap);
-        Program { groups, identity, identity_plan }
+        Program {
+            groups,
+            identity,
+            identity_plan,
+        }
     }
 }
 
-async fn timed<T>(limit: Duration, fut: impl std::future::Future<Output = tokio_modbus::Result<T>>) -> Result<T, PollError> {
+async fn timed<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = tokio_modbus::Result<T>>,
+) -> Result<T, PollError> {
     match tokio::time::timeout(limit, fut).await {
         Err(_) => Err(PollError::Timeout(limit)),
         Ok(Err(e)) => Err(PollError::Transport(e)),
@@ -108,10 +130,15 @@ async fn execute(ctx: &mut Context, read: &Read, limit: Duration) -> Result<Vec<
         Table::Holding => timed(limit, ctx.read_holding_registers(read.start, read.count)).await?,
         Table::Input => timed(limit, ctx.read_input_registers(read.start, read.count)).await?,
         Table::Coil => bits(timed(limit, ctx.read_coils(read.start, read.count)).await?),
-        Table::Discrete => bits(timed(limit, ctx.read_discrete_inputs(read.start, read.count)).await?),
+        Table::Discrete => {
+            bits(timed(limit, ctx.read_discrete_inputs(read.start, read.count)).await?)
+        }
     };
     if words.len() < usize::from(read.count) {
-        return Err(PollError::Short { got: words.len(), want: usize::from(read.count) });
+        return Err(PollError::Short {
+            got: words.len(),
+            want: usize::from(read.count),
+        });
     }
     Ok(words)
 }
@@ -153,21 +180,29 @@ async fn connect(transport: &Transport, limit: Duration) -> Result<Context, Poll
                 .await
                 .map_err(PollError::Connect)?
                 .next()
-                .ok_or_else(|| PollError::Connect(std::io::Error::other(format!("{address}: no address"))))
+                .ok_or_else(|| {
+                    PollError::Connect(std::io::Error::other(format!("{address}: no address")))
+                })
         }
     };
     let attempt = async {
         match transport {
-            Transport::Tcp(a) => tcp::connect_slave(resolve(a).await?, Slave(1)).await.map_err(PollError::Connect),
+            Transport::Tcp(a) => tcp::connect_slave(resolve(a).await?, Slave(1))
+                .await
+                .map_err(PollError::Connect),
             Transport::RtuOverTcp(a) => {
-                let stream = tokio::net::TcpStream::connect(resolve(a).await?).await.map_err(PollError::Connect)?;
+                let stream = tokio::net::TcpStream::connect(resolve(a).await?)
+                    .await
+                    .map_err(PollError::Connect)?;
                 let _ = stream.set_nodelay(true);
                 Ok(rtu::attach_slave(stream, Slave(1)))
             }
             Transport::Serial(line) => Ok(rtu::attach_slave(open_serial(line)?, Slave(1))),
         }
     };
-    tokio::time::timeout(limit, attempt).await.map_err(|_| PollError::Timeout(limit))?
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| PollError::Timeout(limit))?
 }
 
 fn open_serial(line: &SerialLine) -> Result<tokio_serial::SerialStream, PollError> {
@@ -184,7 +219,11 @@ fn open_serial(line: &SerialLine) -> Result<tokio_serial::SerialStream, PollErro
             7 => DataBits::Seven,
             _ => DataBits::Eight,
         })
-        .stop_bits(if line.stop_bits == 2 { StopBits::Two } else { StopBits::One })
+        .stop_bits(if line.stop_bits == 2 {
+            StopBits::Two
+        } else {
+            StopBits::One
+        })
         .open_native_async()
         .map_err(|e| PollError::Connect(std::io::Error::other(format!("{}: {e}", line.path))))
 }
@@ -216,20 +255,37 @@ pub struct LineContext {
 }
 
 /// Polls the devices of one line until shutdown or until its device set becomes empty.
-pub async fn run_line(transport: Transport, devices: Vec<DeviceConfig>, mut commands: mpsc::Receiver<LineCommand>, mut cx: LineContext) {
-    let backoff = Backoff { min: Duration::from_millis(200), max: Duration::from_secs(30) };
+pub async fn run_line(
+    transport: Transport,
+    devices: Vec<DeviceConfig>,
+    mut commands: mpsc::Receiver<LineCommand>,
+    mut cx: LineContext,
+) {
+    let backoff = Backoff {
+        min: Duration::from_millis(200),
+        max: Duration::from_secs(30),
+    };
     let mut runs: HashMap<Id, DeviceRun> = HashMap::new();
     // (due, generation, device, group): a stale entry (older generation) is skipped.
     let mut schedule: BinaryHeap<Reverse<(Instant, u64, Id, usize)>> = BinaryHeap::new();
     let mut generation: HashMap<Id, u64> = HashMap::new();
     let mut next_gen = 0u64;
-    apply(&devices, &mut runs, &mut schedule, &mut generation, &mut next_gen, &cx);
+    apply(
+        &devices,
+        &mut runs,
+        &mut schedule,
+        &mut generation,
+        &mut next_gen,
+        &cx,
+    );
     let mut ctx: Option<Context> = None;
     loop {
         if runs.is_empty() {
             break;
         }
-        let Some(Reverse((due, _, _, _))) = schedule.peek().cloned() else { break };
+        let Some(Reverse((due, _, _, _))) = schedule.peek().cloned() else {
+            break;
+        };
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
             cmd = commands.recv() => {
@@ -244,11 +300,15 @@ pub async fn run_line(transport: Transport, devices: Vec<DeviceConfig>, mut comm
         if *cx.shutdown.borrow() {
             break;
         }
-        let Some(Reverse((due, gen, id, group))) = schedule.pop() else { continue };
+        let Some(Reverse((due, gen, id, group))) = schedule.pop() else {
+            continue;
+        };
         if generation.get(&id) != Some(&gen) {
             continue;
         }
-        let Some(run) = runs.get_mut(&id) else { continue };
+        let Some(run) = runs.get_mut(&id) else {
+            continue;
+        };
         let interval = run.program.groups[group].interval;
         let ts = now_ms();
         let result = poll_once(&transport, &mut ctx, run, group, &cx.health).await;
@@ -258,13 +318,22 @@ pub async fn run_line(transport: Transport, devices: Vec<DeviceConfig>, mut comm
                 let values = to_values(&run.program.groups[group].values, decoded);
                 match run.seq.take() {
                     Ok(seq) => {
-                        record(&cx.health, &id, Some(ts), 0, |h| *h.readings.entry(id.clone()).or_default() += 1);
-                        let reading = Reading { device: id.clone(), seq, ts, values };
+                        record(&cx.health, &id, Some(ts), 0, |h| {
+                            *h.readings.entry(id.clone()).or_default() += 1
+                        });
+                        let reading = Reading {
+                            device: id.clone(),
+                            seq,
+                            ts,
+                            values,
+                        };
                         if cx.out.send(reading).await.is_err() {
                             break;
                         }
                     }
-                    Err(e) => tracing::error!(device = %id, error = %e, "cannot persist sequence number; reading held back"),
+                    Err(e) => {
+                        tracing::error!(device = %id, error = %e, "cannot persist sequence number; reading held back")
+                    }
                 }
                 (due + interval).max(Instant::now())
             }
@@ -272,12 +341,16 @@ pub async fn run_line(transport: Transport, devices: Vec<DeviceConfig>, mut comm
                 // The device answered: the connection is fine, this poll is not.
                 tracing::warn!(device = %id, ?code, "modbus exception");
                 run.failures = run.failures.saturating_add(1);
-                record(&cx.health, &id, None, run.failures, |h| *h.exceptions.entry(id.clone()).or_default() += 1);
+                record(&cx.health, &id, None, run.failures, |h| {
+                    *h.exceptions.entry(id.clone()).or_default() += 1
+                });
                 (due + interval).max(Instant::now())
             }
             Err(e) => {
                 run.failures = run.failures.saturating_add(1);
-                record(&cx.health, &id, None, run.failures, |h| *h.failures.entry(id.clone()).or_default() += 1);
+                record(&cx.health, &id, None, run.failures, |h| {
+                    *h.failures.entry(id.clone()).or_default() += 1
+                });
                 ctx = None;
                 for r in runs.values_mut() {
                     r.identified = false;
@@ -308,10 +381,19 @@ async fn poll_once(
     if ctx.is_none() {
         *ctx = Some(connect(transport, timeout).await?);
     }
-    let Some(c) = ctx.as_mut() else { return Err(PollError::Connect(std::io::Error::other("not connected"))) };
+    let Some(c) = ctx.as_mut() else {
+        return Err(PollError::Connect(std::io::Error::other("not connected")));
+    };
     c.set_slave(Slave(run.cfg.unit));
     if !run.identified && !run.program.identity.is_empty() {
-        let info = run_plan(c, &run.program.identity_plan, &run.program.identity, timeout, run.cfg.delay).await?;
+        let info = run_plan(
+            c,
+            &run.program.identity_plan,
+            &run.program.identity,
+            timeout,
+            run.cfg.delay,
+        )
+        .await?;
         run.identified = true;
         record_identity(health, &run.cfg.id, &run.program.identity, info);
     }
@@ -340,7 +422,9 @@ fn to_values(defs: &[ValueDef], decoded: Vec<Decoded>) -> Vec<(Id, Value)> {
     defs.iter()
         .zip(decoded)
         .filter_map(|(def, d)| match d {
-            Decoded::Number(x) if x.is_finite() && def.omit_when != Some(x) => Some((def.name.clone(), Value::Number(x))),
+            Decoded::Number(x) if x.is_finite() && def.omit_when != Some(x) => {
+                Some((def.name.clone(), Value::Number(x)))
+            }
             Decoded::Bool(b) => Some((def.name.clone(), Value::Bool(b))),
             _ => None,
         })
@@ -357,7 +441,11 @@ fn apply(
     cx: &LineContext,
 ) {
     let wanted: HashMap<&Id, &DeviceConfig> = devices.iter().map(|d| (&d.id, d)).collect();
-    let gone: Vec<Id> = runs.keys().filter(|id| !wanted.contains_key(id)).cloned().collect();
+    let gone: Vec<Id> = runs
+        .keys()
+        .filter(|id| !wanted.contains_key(id))
+        .cloned()
+        .collect();
     for id in gone {
         generation.remove(&id);
         if let Some(run) = runs.remove(&id) {
@@ -388,15 +476,38 @@ fn apply(
         let program = Program::new(dev);
         let start = Instant::now();
         for (g, group) in program.groups.iter().enumerate() {
-            schedule.push(Reverse((start + spread(i, devices.len(), group.interval.min(dev.interval)), *next_gen, dev.id.clone(), g)));
+            schedule.push(Reverse((
+                start + spread(i, devices.len(), group.interval.min(dev.interval)),
+                *next_gen,
+                dev.id.clone(),
+                g,
+            )));
         }
-        runs.insert(dev.id.clone(), DeviceRun { cfg: dev.clone(), program, seq, failures: 0, identified: false });
+        runs.insert(
+            dev.id.clone(),
+            DeviceRun {
+                cfg: dev.clone(),
+                program,
+                seq,
+                failures: 0,
+                identified: false,
+            },
+        );
     }
 }
 
-fn record(health: &SharedHealth, id: &Id, last_ok: Option<i64>, failures: u32, extra: impl FnOnce(&mut FleetHealth)) {
+fn record(
+    health: &SharedHealth,
+    id: &Id,
+    last_ok: Option<i64>,
+    failures: u32,
+    extra: impl FnOnce(&mut FleetHealth),
+) {
     if let Ok(mut h) = health.lock() {
-        let entry = h.health.entry(id.clone()).or_insert(DeviceHealth { last_ok: None, consecutive_failures: 0 });
+        let entry = h.health.entry(id.clone()).or_insert(DeviceHealth {
+            last_ok: None,
+            consecutive_failures: 0,
+        });
         if last_ok.is_some() {
             entry.last_ok = last_ok;
         }

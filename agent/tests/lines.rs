@@ -14,7 +14,8 @@ use calwatch_protocol::{Id, Reading};
 use tokio::sync::{mpsc, watch};
 
 fn profile() -> Profile {
-    Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/profiles/ft112.toml")).unwrap()
+    Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/profiles/ft112.toml"))
+        .unwrap()
 }
 
 fn device(id: &str, transport: Transport, unit: u8, interval_ms: u64) -> DeviceConfig {
@@ -57,17 +58,41 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
     let (tx, mut rx) = mpsc::channel::<Reading>(100_000);
     let health = SharedHealth::default();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cx = LineContext { seq_dir: dir.clone(), out: tx, health: health.clone(), shutdown: stop_rx };
+    let cx = LineContext {
+        seq_dir: dir.clone(),
+        out: tx,
+        health: health.clone(),
+        shutdown: stop_rx,
+    };
 
     let interval = 200;
-    let mut healthy: Vec<DeviceConfig> =
-        (1..=100).map(|u| device(&format!("S-{u}"), Transport::Tcp(sim_addr.clone()), u, interval)).collect();
+    let mut healthy: Vec<DeviceConfig> = (1..=100)
+        .map(|u| {
+            device(
+                &format!("S-{u}"),
+                Transport::Tcp(sim_addr.clone()),
+                u,
+                interval,
+            )
+        })
+        .collect();
     // Unit 200 is not served: the simulator answers with an exception.
-    healthy.push(device("EXC", Transport::Tcp(sim_addr.clone()), 200, interval));
+    healthy.push(device(
+        "EXC",
+        Transport::Tcp(sim_addr.clone()),
+        200,
+        interval,
+    ));
     let lines = [
         (Transport::Tcp(sim_addr.clone()), healthy),
-        (Transport::Tcp(mute_addr.clone()), vec![device("MUTE", Transport::Tcp(mute_addr), 1, interval)]),
-        (Transport::Tcp(dead_addr.clone()), vec![device("DEAD", Transport::Tcp(dead_addr), 1, interval)]),
+        (
+            Transport::Tcp(mute_addr.clone()),
+            vec![device("MUTE", Transport::Tcp(mute_addr), 1, interval)],
+        ),
+        (
+            Transport::Tcp(dead_addr.clone()),
+            vec![device("DEAD", Transport::Tcp(dead_addr), 1, interval)],
+        ),
     ];
     let mut controls = Vec::new();
     let mut tasks = Vec::new();
@@ -85,25 +110,54 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
     }
     let mut per_device: HashMap<String, Vec<u64>> = HashMap::new();
     while let Ok(r) = rx.try_recv() {
-        per_device.entry(r.device.to_string()).or_default().push(r.seq);
+        per_device
+            .entry(r.device.to_string())
+            .or_default()
+            .push(r.seq);
     }
     let expected = run_for.as_millis() as u64 / interval;
     for u in 1..=100 {
-        let seqs = per_device.get(&format!("S-{u}")).cloned().unwrap_or_default();
-        assert!(seqs.len() as u64 >= expected * 3 / 4, "S-{u}: {} readings, expected about {expected}", seqs.len());
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "S-{u}: seq not consecutive: {seqs:?}");
+        let seqs = per_device
+            .get(&format!("S-{u}"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            seqs.len() as u64 >= expected * 3 / 4,
+            "S-{u}: {} readings, expected about {expected}",
+            seqs.len()
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "S-{u}: seq not consecutive: {seqs:?}"
+        );
     }
     for bad in ["EXC", "MUTE", "DEAD"] {
         assert!(!per_device.contains_key(bad), "{bad} produced readings");
     }
     let h = health.lock().unwrap();
-    assert!(h.exceptions.get("EXC").copied().unwrap_or(0) >= 2, "{:?}", h.exceptions);
-    assert!(h.failures.get("MUTE").copied().unwrap_or(0) >= 1, "{:?}", h.failures);
-    assert!(h.failures.get("DEAD").copied().unwrap_or(0) >= 1, "{:?}", h.failures);
+    assert!(
+        h.exceptions.get("EXC").copied().unwrap_or(0) >= 2,
+        "{:?}",
+        h.exceptions
+    );
+    assert!(
+        h.failures.get("MUTE").copied().unwrap_or(0) >= 1,
+        "{:?}",
+        h.failures
+    );
+    assert!(
+        h.failures.get("DEAD").copied().unwrap_or(0) >= 1,
+        "{:?}",
+        h.failures
+    );
     assert!(h.health.get("DEAD").unwrap().consecutive_failures >= 1);
     drop(h);
     // The seq of each device was stored on shutdown: a restart continues it.
-    let stored: u64 = std::fs::read_to_string(dir.join("S-1.seq")).unwrap().trim().parse().unwrap();
+    let stored: u64 = std::fs::read_to_string(dir.join("S-1.seq"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(stored, *per_device["S-1"].last().unwrap());
     drop(controls);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -118,7 +172,12 @@ async fn reload_keeps_unchanged_devices_and_their_seq() {
     let _ = std::fs::remove_dir_all(&dir);
     let (tx, mut rx) = mpsc::channel::<Reading>(10_000);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cx = LineContext { seq_dir: dir.clone(), out: tx, health: SharedHealth::default(), shutdown: stop_rx };
+    let cx = LineContext {
+        seq_dir: dir.clone(),
+        out: tx,
+        health: SharedHealth::default(),
+        shutdown: stop_rx,
+    };
     let t = Transport::Tcp(addr.clone());
     let a = device("A", t.clone(), 1, 100);
     let b = device("B", t.clone(), 2, 100);
@@ -126,7 +185,12 @@ async fn reload_keeps_unchanged_devices_and_their_seq() {
     let task = tokio::spawn(run_line(t.clone(), vec![a.clone(), b.clone()], crx, cx));
     tokio::time::sleep(Duration::from_millis(600)).await;
     // B leaves, C joins, A is unchanged.
-    ctl.send(LineCommand::Devices(vec![a.clone(), device("C", t.clone(), 3, 100)])).await.unwrap();
+    ctl.send(LineCommand::Devices(vec![
+        a.clone(),
+        device("C", t.clone(), 3, 100),
+    ]))
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     stop_tx.send(true).unwrap();
     task.await.unwrap();
@@ -136,8 +200,15 @@ async fn reload_keeps_unchanged_devices_and_their_seq() {
     }
     let a_seqs = &seqs["A"];
     assert!(a_seqs.len() >= 8, "{a_seqs:?}");
-    assert!(a_seqs.windows(2).all(|w| w[1] == w[0] + 1), "A kept one unbroken sequence: {a_seqs:?}");
-    assert!(seqs["B"].len() <= 8, "B stopped after the reload: {:?}", seqs["B"]);
+    assert!(
+        a_seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "A kept one unbroken sequence: {a_seqs:?}"
+    );
+    assert!(
+        seqs["B"].len() <= 8,
+        "B stopped after the reload: {:?}",
+        seqs["B"]
+    );
     assert!(!seqs["C"].is_empty());
     assert_eq!(seqs["C"][0], 1);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -15,7 +15,8 @@ use calwatch_protocol::{Id, Reading};
 use tokio::sync::{mpsc, watch};
 
 fn profile() -> Profile {
-    Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/profiles/sdm630.toml")).unwrap()
+    Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/profiles/sdm630.toml"))
+        .unwrap()
 }
 
 fn device(id: &str, transport: Transport, unit: u8) -> DeviceConfig {
@@ -34,12 +35,22 @@ fn device(id: &str, transport: Transport, unit: u8) -> DeviceConfig {
 }
 
 /// Polls `devices` on one line for `run_for`; returns the readings.
-async fn poll(transport: Transport, devices: Vec<DeviceConfig>, run_for: Duration, tag: &str) -> Vec<Reading> {
+async fn poll(
+    transport: Transport,
+    devices: Vec<DeviceConfig>,
+    run_for: Duration,
+    tag: &str,
+) -> Vec<Reading> {
     let dir = std::env::temp_dir().join(format!("calwatch-rtu-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (tx, mut rx) = mpsc::channel::<Reading>(10_000);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cx = LineContext { seq_dir: dir.clone(), out: tx, health: SharedHealth::default(), shutdown: stop_rx };
+    let cx = LineContext {
+        seq_dir: dir.clone(),
+        out: tx,
+        health: SharedHealth::default(),
+        shutdown: stop_rx,
+    };
     let (_ctl, crx) = mpsc::channel(1);
     let task = tokio::spawn(run_line(transport, devices, crx, cx));
     tokio::time::sleep(run_for).await;
@@ -54,14 +65,20 @@ async fn poll(transport: Transport, devices: Vec<DeviceConfig>, run_for: Duratio
 }
 
 fn assert_meter_readings(readings: &[Reading], device: &str) {
-    let mine: Vec<&Reading> = readings.iter().filter(|r| r.device.as_str() == device).collect();
+    let mine: Vec<&Reading> = readings
+        .iter()
+        .filter(|r| r.device.as_str() == device)
+        .collect();
     assert!(mine.len() >= 3, "{device}: {} readings", mine.len());
     for r in mine {
         let v = r.number("voltage_v").unwrap();
         assert!((220.0..240.0).contains(&v), "{v}");
         let p = r.number("power_w").unwrap();
         let expect = v * r.number("current_a").unwrap() * r.number("power_factor").unwrap();
-        assert!((p - expect).abs() / expect < 1e-3, "P = V·I·PF: {p} vs {expect}");
+        assert!(
+            (p - expect).abs() / expect < 1e-3,
+            "P = V·I·PF: {p} vs {expect}"
+        );
     }
 }
 
@@ -80,15 +97,29 @@ async fn rtu_over_tcp() {
         let _ = server.serve(&on_connected, |_| {}).await;
     });
     let t = Transport::RtuOverTcp(addr);
-    let readings = poll(t.clone(), vec![device("M-1", t.clone(), 1), device("M-2", t, 2)], Duration::from_millis(1500), "tcp").await;
+    let readings = poll(
+        t.clone(),
+        vec![device("M-1", t.clone(), 1), device("M-2", t, 2)],
+        Duration::from_millis(1500),
+        "tcp",
+    )
+    .await;
     assert_meter_readings(&readings, "M-1");
     assert_meter_readings(&readings, "M-2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtu_on_a_virtual_serial_pair() {
-    if Command::new("socat").arg("-V").stdout(Stdio::null()).status().is_err() {
-        assert!(std::env::var("CALWATCH_SERVICES").is_err(), "tests/run installs socat; it is missing");
+    if Command::new("socat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CALWATCH_SERVICES").is_err(),
+            "tests/run installs socat; it is missing"
+        );
         eprintln!("SKIPPED: socat not installed");
         return;
     }
@@ -109,8 +140,20 @@ async fn rtu_on_a_virtual_serial_pair() {
     }
     let server = tokio_modbus::server::rtu::Server::new_from_path(&a, 38_400).unwrap();
     tokio::spawn(server.serve_forever(Simulator::new(profile(), 2)));
-    let t = Transport::Serial(SerialLine { path: b.display().to_string(), baud: 38_400, parity: 'N', data_bits: 8, stop_bits: 1 });
-    let readings = poll(t.clone(), vec![device("M-1", t.clone(), 1), device("M-2", t, 2)], Duration::from_millis(2000), "serial").await;
+    let t = Transport::Serial(SerialLine {
+        path: b.display().to_string(),
+        baud: 38_400,
+        parity: 'N',
+        data_bits: 8,
+        stop_bits: 1,
+    });
+    let readings = poll(
+        t.clone(),
+        vec![device("M-1", t.clone(), 1), device("M-2", t, 2)],
+        Duration::from_millis(2000),
+        "serial",
+    )
+    .await;
     let _ = socat.kill();
     let _ = socat.wait();
     let _ = std::fs::remove_dir_all(&dir);
