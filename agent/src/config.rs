@@ -1,7 +1,8 @@
 //! `agent.toml`: the agent's identity, broker, spool and devices (CONTRACT §5).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use calwatch_protocol::Id;
@@ -206,7 +207,8 @@ pub struct SerialLine {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceConfig {
     pub id: Id,
-    pub profile: Profile,
+    /// Shared by every device of the same profile file (10,000 devices, a few profiles).
+    pub profile: Arc<Profile>,
     pub profile_path: PathBuf,
     pub transport: Transport,
     /// Modbus unit (slave) id.
@@ -293,12 +295,14 @@ impl AgentConfig {
             ));
         }
         let mut devices: Vec<DeviceConfig> = Vec::with_capacity(raw.device.len());
+        let mut profiles: HashMap<PathBuf, Arc<Profile>> = HashMap::new();
+        let mut ids: std::collections::HashSet<Id> = std::collections::HashSet::new();
         for spanned in raw.device {
             let offset = spanned.span().start;
             let err = |m: String| ConfigError::at_offset(path, &text, offset, m);
             let d = spanned.into_inner();
             let id = Id::new(d.id).map_err(|e| err(format!("device id: {e}")))?;
-            if devices.iter().any(|o| o.id == id) {
+            if !ids.insert(id.clone()) {
                 return Err(err(format!("device {id}: id used twice")));
             }
             let transport =
@@ -317,8 +321,17 @@ impl AgentConfig {
                 )));
             }
             let profile_path = tomlfile::resolve(path, &d.profile);
-            let profile = Profile::load(&profile_path)
-                .map_err(|e| err(format!("device {id}: profile: {e}")))?;
+            let profile = match profiles.get(&profile_path) {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let p = Arc::new(
+                        Profile::load(&profile_path)
+                            .map_err(|e| err(format!("device {id}: profile: {e}")))?,
+                    );
+                    profiles.insert(profile_path.clone(), Arc::clone(&p));
+                    p
+                }
+            };
             let mut value_intervals = BTreeMap::new();
             for (name, ms) in d.value_interval_ms {
                 if !profile

@@ -231,7 +231,8 @@ fn open_serial(line: &SerialLine) -> Result<tokio_serial::SerialStream, PollErro
 /// A device on a line, with what survives between polls.
 struct DeviceRun {
     cfg: DeviceConfig,
-    program: Program,
+    /// Shared by the devices of a line with the same profile and intervals.
+    program: Arc<Program>,
     seq: SeqCounter,
     failures: u32,
     /// Identity strings read on this connection already.
@@ -455,6 +456,21 @@ fn apply(
             }
         }
     }
+    type ProgramKey = (usize, Duration, u16, BTreeMap<Id, Duration>);
+    let mut programs: HashMap<ProgramKey, Arc<Program>> = runs
+        .values()
+        .map(|r| {
+            (
+                (
+                    Arc::as_ptr(&r.cfg.profile) as usize,
+                    r.cfg.interval,
+                    r.cfg.max_gap,
+                    r.cfg.value_intervals.clone(),
+                ),
+                Arc::clone(&r.program),
+            )
+        })
+        .collect();
     // Spread first polls over the interval so a thousand devices do not fire at once.
     let spread = |i: usize, n: usize, every: Duration| every.mul_f64(i as f64 / n.max(1) as f64);
     for (i, dev) in devices.iter().enumerate() {
@@ -473,7 +489,17 @@ fn apply(
         };
         *next_gen += 1;
         generation.insert(dev.id.clone(), *next_gen);
-        let program = Program::new(dev);
+        let key = (
+            Arc::as_ptr(&dev.profile) as usize,
+            dev.interval,
+            dev.max_gap,
+            dev.value_intervals.clone(),
+        );
+        let program = Arc::clone(
+            programs
+                .entry(key)
+                .or_insert_with(|| Arc::new(Program::new(dev))),
+        );
         let start = Instant::now();
         for (g, group) in program.groups.iter().enumerate() {
             schedule.push(Reverse((

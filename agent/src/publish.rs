@@ -39,6 +39,9 @@ use crate::poll::{now_ms, SharedHealth};
 /// How often the retained status is refreshed.
 pub const STATUS_EVERY: Duration = Duration::from_secs(60);
 
+/// Largest status payload: well inside the broker's and our client's packet limit.
+pub const STATUS_MAX_BYTES: usize = 128 * 1024;
+
 /// How long a stopping agent waits for the broker to acknowledge its backlog.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -137,24 +140,66 @@ impl Publisher {
         result
     }
 
+    /// The status payload, at most [`STATUS_MAX_BYTES`]: an agent with thousands of devices
+    /// cannot list them all, so per-device health lists failing devices first, then the
+    /// rest, and identity data fills what room is left. The last will carries no lists.
     fn status(&self, shared: &Shared, state: AgentState) -> Vec<u8> {
-        let (device_info, health) = match self.health.lock() {
-            Ok(h) => (h.info.clone(), h.health.clone()),
-            Err(_) => Default::default(),
-        };
         let (spool_bytes, spool) = shared.spool_status();
-        AgentStatus {
+        let mut status = AgentStatus {
             agent: self.agent.clone(),
             state,
             version: env!("CARGO_PKG_VERSION").to_string(),
             devices: self.devices as u64,
             spool_bytes,
             ts: now_ms(),
-            device_info,
-            health,
+            device_info: Default::default(),
+            health: Default::default(),
             spool: Some(spool),
+        };
+        if state == AgentState::Offline {
+            return status.encode();
         }
-        .encode()
+        let Ok(h) = self.health.lock() else {
+            return status.encode();
+        };
+        // Rough sizes of one entry in JSON; the final encode is checked below.
+        let mut budget = STATUS_MAX_BYTES.saturating_sub(1024);
+        let (failing, healthy): (Vec<_>, Vec<_>) = h
+            .health
+            .iter()
+            .partition(|(_, d)| d.consecutive_failures > 0);
+        for (id, d) in failing.into_iter().chain(healthy) {
+            let cost = id.as_str().len() + 60;
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            status.health.insert(id.clone(), d.clone());
+        }
+        for (id, info) in &h.info {
+            let cost = id.as_str().len()
+                + 30
+                + info.model.as_ref().map_or(0, |m| m.len() + 10)
+                + info.serial.as_ref().map_or(0, |s| s.len() + 11);
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            status.device_info.insert(id.clone(), info.clone());
+        }
+        drop(h);
+        let mut bytes = status.encode();
+        while bytes.len() > STATUS_MAX_BYTES
+            && !(status.device_info.is_empty() && status.health.is_empty())
+        {
+            // Estimates were off (long strings): halve the lists until it fits.
+            let keep_info = status.device_info.len() / 2;
+            let keep_health = status.health.len() / 2;
+            status.device_info = status.device_info.into_iter().take(keep_info).collect();
+            status.health = status.health.into_iter().take(keep_health).collect();
+            bytes = status.encode();
+        }
+        bytes
     }
 
     async fn connection_loop(&self, shared: &Shared) -> Result<(), PublishError> {

@@ -21,7 +21,7 @@ fn profile() -> Profile {
 fn device(id: &str, transport: Transport, unit: u8, interval_ms: u64) -> DeviceConfig {
     DeviceConfig {
         id: Id::new(id).unwrap(),
-        profile: profile(),
+        profile: profile().into(),
         profile_path: "ft112.toml".into(),
         transport,
         unit,

@@ -22,7 +22,7 @@ fn profile() -> Profile {
 fn device(id: &str, transport: Transport, unit: u8) -> DeviceConfig {
     DeviceConfig {
         id: Id::new(id).unwrap(),
-        profile: profile(),
+        profile: profile().into(),
         profile_path: "sdm630.toml".into(),
         transport,
         unit,

@@ -59,14 +59,20 @@ pub fn workspace() -> PathBuf {
 /// A binary of the workspace, built by `cargo build --workspace --bins` (tests/run does).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not built: run cargo build --workspace --bins (tests/run does)",
-        p.display()
-    );
+    // A test runs from target/<profile>/deps/, a helper binary from target/<profile>/.
+    let here = exe.parent().expect("exe dir");
+    let p = [
+        here.join(name),
+        here.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| {
+        panic!(
+            "{name} not built next to {}: run cargo build --workspace --bins (tests/run does)",
+            exe.display()
+        )
+    });
     p
 }
 
@@ -110,10 +116,12 @@ impl Proc {
         let (tx, rx) = std::sync::mpsc::channel();
         let needle = needle.to_string();
         std::thread::spawn(move || {
+            let mut sent = false;
+            // Keep draining after the match: a closed pipe would fail the child's next write.
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.contains(&needle) {
+                if !sent && line.contains(&needle) {
                     let _ = tx.send(line);
-                    return;
+                    sent = true;
                 }
             }
         });
@@ -124,6 +132,11 @@ impl Proc {
                 self.log_text()
             )
         })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -146,7 +146,13 @@ fn main() -> ExitCode {
                     }
                 };
                 for p in &ports {
-                    println!("{}", p.banner());
+                    {
+                        use std::io::Write;
+                        // Whoever started us may have stopped reading stdout; that is no reason to die.
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "{}", p.banner());
+                        let _ = out.flush();
+                    }
                 }
                 tokio::select! {
                     r = simulate::serve_all(ports) => match r {

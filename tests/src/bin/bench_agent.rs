@@ -1,0 +1,158 @@
+//! Agent benchmark (run by hand, not in CI): one agent polling N simulated devices at 1 Hz
+//! through real Modbus TCP and publishing to a real mosquitto.
+//!
+//!     tests/run --with-services cargo run --release -p calwatch-tests --bin bench_agent -- [DEVICES] [SECONDS]
+//!
+//! Reports the agent's CPU per poll and per register value, polls/s sustained and peak RSS
+//! (from /proc), next to the simulator's CPU for scale. Devices are FT-112 indicators:
+//! one read of 16 holding registers, 7 values, per poll.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use calwatch_tests::{bin, workspace, Proc};
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn proc_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn polled(agent: &Proc) -> u64 {
+    agent
+        .log_text()
+        .lines()
+        .rev()
+        .filter_map(|l| l.split("readings_polled=").nth(1))
+        .find_map(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let devices: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let seconds: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(60);
+    let mqtt = std::env::var("CALWATCH_MQTT_ADDR").expect("run under tests/run --with-services");
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("calwatch-bench-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let profile = workspace().join("config/profiles/ft112.toml");
+    let per_port = 247;
+    // Hold every listener until all ports are chosen, so no port is handed out twice.
+    let held: Vec<std::net::TcpListener> = (0..devices.div_ceil(per_port))
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port"))
+        .collect();
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect();
+    drop(held);
+    let mut fleet = String::new();
+    for (i, port) in ports.iter().enumerate() {
+        let count = (devices - i * per_port).min(per_port);
+        let _ = write!(
+            fleet,
+            "[[group]]\nprofile = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ncount = {count}\n\n",
+            profile.display()
+        );
+    }
+    std::fs::write(dir.join("fleet.toml"), fleet).expect("fleet");
+    let mut sim = Proc::start(
+        &dir,
+        "sim",
+        &bin("calwatch-agent"),
+        &[
+            "simulate",
+            "--fleet",
+            dir.join("fleet.toml").to_str().unwrap_or(""),
+        ],
+    );
+    sim.wait_stdout_line("simulating", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut cfg = format!(
+        "agent = \"bench-agent\"\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n[spool]\ndir = \"spool\"\nfsync = \"interval\"\n[batch]\nlinger_ms = 1000\nmax_readings = 1000\n"
+    );
+    for d in 0..devices {
+        let (port, unit) = (ports[d / per_port], d % per_port + 1);
+        let _ = write!(cfg, "[[device]]\nid = \"B-{d}\"\nprofile = \"{}\"\naddress = \"127.0.0.1:{port}\"\nunit = {unit}\ninterval_ms = 1000\ntimeout_ms = 2000\n", profile.display());
+    }
+    std::fs::write(dir.join("agent.toml"), cfg).expect("agent.toml");
+    let mut agent = Proc::start(
+        &dir,
+        "agent",
+        &bin("calwatch-agent"),
+        &[
+            "run",
+            "--config",
+            dir.join("agent.toml").to_str().unwrap_or(""),
+        ],
+    );
+    let agent_pid = agent.pid();
+    let sim_pid = sim.pid();
+    // Warm up (connections, first polls spread over the first interval).
+    std::thread::sleep(Duration::from_secs(12));
+    let (c0, s0, p0, t0) = (
+        proc_cpu_s(agent_pid),
+        proc_cpu_s(sim_pid),
+        polled(&agent),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (c1, s1, p1, t1) = (
+        proc_cpu_s(agent_pid),
+        proc_cpu_s(sim_pid),
+        polled(&agent),
+        Instant::now(),
+    );
+    let wall = (t1 - t0).as_secs_f64();
+    let polls = p1.saturating_sub(p0) as f64;
+    let hwm = proc_kb(agent_pid, "VmHWM:");
+    let rss = proc_kb(agent_pid, "VmRSS:");
+    let _ = agent.terminate(Duration::from_secs(20));
+    println!("agent benchmark: {devices} devices (FT-112 profile: 1 read of 16 registers, 7 values per poll), 1 s interval, {seconds} s measured");
+    println!(
+        "  polls/s sustained          {:>10.0}  (target {devices})",
+        polls / wall
+    );
+    println!(
+        "  agent CPU                  {:>10.1} % of one core",
+        100.0 * (c1 - c0) / wall
+    );
+    println!(
+        "  agent CPU per poll         {:>10.1} µs",
+        1e6 * (c1 - c0) / polls.max(1.0)
+    );
+    println!(
+        "  agent CPU per value        {:>10.2} µs (7 values per poll)",
+        1e6 * (c1 - c0) / (polls * 7.0).max(1.0)
+    );
+    println!("  agent RSS now / peak       {:>7} KB / {} KB", rss, hwm);
+    println!(
+        "  simulator CPU              {:>10.1} % of one core",
+        100.0 * (s1 - s0) / wall
+    );
+    println!("  (stats sample granularity: the agent logs readings_polled every 10 s)");
+}
