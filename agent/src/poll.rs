@@ -35,6 +35,8 @@ pub struct FleetHealth {
     pub failures: BTreeMap<Id, u64>,
     /// Readings produced, per device.
     pub readings: BTreeMap<Id, u64>,
+    /// Bumped whenever identity data changes, so the status is republished promptly.
+    pub identity_changes: u64,
 }
 
 /// Shared, briefly locked health table.
@@ -415,7 +417,10 @@ fn record_identity(health: &SharedHealth, id: &Id, defs: &[ValueDef], decoded: V
         }
     }
     if let Ok(mut h) = health.lock() {
-        h.info.insert(id.clone(), info);
+        if h.info.get(id) != Some(&info) {
+            h.info.insert(id.clone(), info);
+            h.identity_changes += 1;
+        }
     }
 }
 

@@ -303,6 +303,16 @@ fn ordered_bytes(regs: &[u16], order: WordOrder) -> Vec<u8> {
     bytes
 }
 
+/// A 16-bit register in the value's byte order: `BADC` and `DCBA` mean the low byte comes
+/// first (as pymodbus's little byte order writes it); `ABCD` and `CDAB` are the same for
+/// one register. Its own inverse.
+fn word16(w: u16, order: WordOrder) -> u16 {
+    match order {
+        WordOrder::BADC | WordOrder::DCBA => w.swap_bytes(),
+        WordOrder::ABCD | WordOrder::CDAB => w,
+    }
+}
+
 /// Inverse of [`ordered_bytes`]: big-endian bytes into registers in the device's order.
 fn registers_from_bytes(mut bytes: Vec<u8>, order: WordOrder) -> Vec<u16> {
     match order {
@@ -363,8 +373,8 @@ impl ValueDef {
                     .collect();
                 return Decoded::Text(text.trim().to_string());
             }
-            ValueType::U16 => f64::from(regs[0]),
-            ValueType::I16 => f64::from(regs[0] as i16),
+            ValueType::U16 => f64::from(word16(regs[0], self.order)),
+            ValueType::I16 => f64::from(word16(regs[0], self.order) as i16),
             _ => {
                 let b = ordered_bytes(regs, self.order);
                 match self.ty {
@@ -404,8 +414,13 @@ impl ValueDef {
             (_, Decoded::Number(x)) => {
                 let raw = (x - self.offset) / self.scale;
                 match self.ty {
-                    ValueType::U16 => vec![raw.round().clamp(0.0, 65_535.0) as u16],
-                    ValueType::I16 => vec![raw.round().clamp(-32_768.0, 32_767.0) as i16 as u16],
+                    ValueType::U16 => {
+                        vec![word16(raw.round().clamp(0.0, 65_535.0) as u16, self.order)]
+                    }
+                    ValueType::I16 => vec![word16(
+                        raw.round().clamp(-32_768.0, 32_767.0) as i16 as u16,
+                        self.order,
+                    )],
                     ValueType::U32 => registers_from_bytes(
                         (raw.round() as u32).to_be_bytes().to_vec(),
                         self.order,
@@ -494,6 +509,21 @@ mod tests {
         assert_eq!(decimals_of(1.0), 0);
         assert_eq!(decimals_of(0.5), 1);
         assert_eq!(decimals_of(0.001), 3);
+    }
+
+    #[test]
+    fn sixteen_bit_byte_order() {
+        let mut d = def(ValueType::U16, WordOrder::BADC);
+        assert_eq!(d.decode(&[0x3412]), Decoded::Number(f64::from(0x1234u16)));
+        assert_eq!(
+            d.encode(&Decoded::Number(f64::from(0x1234u16))),
+            vec![0x3412]
+        );
+        d.ty = ValueType::I16;
+        d.order = WordOrder::DCBA;
+        assert_eq!(d.decode(&[0xFEFF]), Decoded::Number(-2.0));
+        d.order = WordOrder::CDAB;
+        assert_eq!(d.decode(&[0xFFFE]), Decoded::Number(-2.0));
     }
 
     #[test]

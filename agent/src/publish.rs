@@ -301,6 +301,7 @@ impl Publisher {
         let mut outstanding: usize = 0;
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         let mut last_full = shared.full.load(Ordering::Relaxed);
+        let mut last_identity = self.health.lock().map(|h| h.identity_changes).unwrap_or(0);
         let mut finishing: Option<Instant> = None;
         let mut done_at: Option<Instant> = None;
         let rate = self.publish.catchup_batches_per_s;
@@ -365,8 +366,10 @@ impl Publisher {
             {
                 return Session::Finished;
             }
-            if full != last_full {
+            let identity = self.health.lock().map(|h| h.identity_changes).unwrap_or(0);
+            if full != last_full || identity != last_identity {
                 last_full = full;
+                last_identity = identity;
                 let _ = client
                     .publish(
                         status_topic,

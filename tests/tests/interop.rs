@@ -493,8 +493,7 @@ async fn interop_fault_fleet_serves_what_it_says() {
     assert_eq!(number(&slow, "energy_kwh").floor(), 24_000.0, "{slow:?}");
     // Values read one request each, microseconds apart: P = V·I·PF to f32 precision.
     let clean = read_values(port, 21, &meter).await.unwrap();
-    let vip =
-        number(&clean, "voltage_v") * number(&clean, "current_a") * number(&clean, "power_factor");
+    let vip = sum_vip(&clean);
     assert!(
         (number(&clean, "power_w") / vip - 1.0).abs() < 1e-5,
         "{clean:?}"
@@ -563,11 +562,20 @@ async fn interop_fault_fleet_serves_what_it_says() {
         "rollback of 100 kWh: {energy_before} -> {energy_after}"
     );
     let stepped = read_values(port, 27, &meter).await.unwrap();
-    let vip = number(&stepped, "voltage_v")
-        * number(&stepped, "current_a")
-        * number(&stepped, "power_factor");
+    let vip = sum_vip(&stepped);
     assert!(
         (number(&stepped, "power_w") / vip - 1.03).abs() < 1e-4,
         "{stepped:?}"
     );
+}
+
+/// Σ V·I·PF over the three phases the SDM630 profile maps (DESIGN decision 8).
+fn sum_vip(values: &[(String, Decoded)]) -> f64 {
+    (1..=3)
+        .map(|l| {
+            number(values, &format!("voltage_v_l{l}"))
+                * number(values, &format!("current_a_l{l}"))
+                * number(values, &format!("power_factor_l{l}"))
+        })
+        .sum()
 }

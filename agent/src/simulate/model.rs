@@ -652,9 +652,15 @@ mod tests {
         let m = instrument("sdm630.toml", 1, vec![]);
         for t in [0.0, 13.0, 1000.0] {
             let p = num(&m, "power_w", t);
-            let vip =
-                num(&m, "voltage_v", t) * num(&m, "current_a", t) * num(&m, "power_factor", t);
-            assert!((p - vip).abs() < 1e-9, "{p} {vip}");
+            // The SDM630 profile maps three phases: P = Σ V·I·PF (DESIGN decision 8).
+            let vip: f64 = (1..=3)
+                .map(|l| {
+                    num(&m, &format!("voltage_v_l{l}"), t)
+                        * num(&m, &format!("current_a_l{l}"), t)
+                        * num(&m, &format!("power_factor_l{l}"), t)
+                })
+                .sum();
+            assert!((p - vip).abs() < 1e-6, "{p} {vip}");
         }
         assert!(num(&m, "energy_kwh", 3600.0) > num(&m, "energy_kwh", 0.0));
         let stepped = instrument(
