@@ -8,6 +8,7 @@ pub mod config;
 pub mod mqtt;
 pub mod plan;
 pub mod poll;
+pub mod process;
 pub mod profile;
 pub mod publish;
 pub mod seq;

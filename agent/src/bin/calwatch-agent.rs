@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use calwatch_agent::config::AgentConfig;
+use calwatch_agent::process::{init_tracing, shutdown_signal};
 use calwatch_agent::profile::Profile;
 use calwatch_agent::simulate::{self, Fleet};
 use clap::{Parser, Subcommand};
@@ -56,13 +57,7 @@ enum Command {
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing("info");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -194,27 +189,5 @@ async fn watch_config(path: PathBuf, reload: tokio::sync::mpsc::Sender<AgentConf
                 tracing::error!(error = %e, "configuration not reloaded; keeping the running one")
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
