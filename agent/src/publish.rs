@@ -144,6 +144,16 @@ impl Publisher {
     /// cannot list them all, so per-device health lists failing devices first, then the
     /// rest, and identity data fills what room is left. The last will carries no lists.
     fn status(&self, shared: &Shared, state: AgentState) -> Vec<u8> {
+        self.status_with(shared, state, true)
+    }
+
+    /// The last will: registered at connect, so it carries no per-device lists (they
+    /// would be stale when it fires, and they make CONNECT large).
+    fn last_will(&self, shared: &Shared) -> Vec<u8> {
+        self.status_with(shared, AgentState::Offline, false)
+    }
+
+    fn status_with(&self, shared: &Shared, state: AgentState, lists: bool) -> Vec<u8> {
         let (spool_bytes, spool) = shared.spool_status();
         let mut status = AgentStatus {
             agent: self.agent.clone(),
@@ -156,7 +166,7 @@ impl Publisher {
             health: Default::default(),
             spool: Some(spool),
         };
-        if state == AgentState::Offline {
+        if !lists {
             return status.encode();
         }
         let Ok(h) = self.health.lock() else {
@@ -223,7 +233,7 @@ impl Publisher {
                 .map_err(PublishError::Settings)?;
             opts.set_last_will(LastWill::new(
                 &status_topic,
-                self.status(shared, AgentState::Offline),
+                self.last_will(shared),
                 QoS::AtLeastOnce,
                 true,
             ));

@@ -38,14 +38,27 @@ pub struct AlertBook {
     hold_ms: i64,
     /// Alerts changed since the last [`AlertBook::take_dirty`] (to persist).
     dirty: Vec<AlertEvent>,
+    /// The kinds of each device whose open alert has a `clear_since`: what [`AlertBook::settle`]
+    /// looks at, so that settling a device without such alerts costs one lookup.
+    clearing: HashMap<Id, Vec<AlertKind>>,
 }
 
 impl AlertBook {
     /// A book holding `open` alerts (loaded from disk); new ids continue from `next_id`.
     pub fn new(hold_ms: i64, next_id: u64, open: Vec<OpenAlert>) -> AlertBook {
-        let mut book = AlertBook { open: HashMap::new(), by_id: HashMap::new(), next_id: next_id.max(1), hold_ms, dirty: Vec::new() };
+        let mut book = AlertBook {
+            open: HashMap::new(),
+            by_id: HashMap::new(),
+            next_id: next_id.max(1),
+            hold_ms,
+            dirty: Vec::new(),
+            clearing: HashMap::new(),
+        };
         for a in open {
             let key = (a.event.device.clone(), a.event.kind);
+            if a.clear_since.is_some() {
+                book.clearing.entry(key.0.clone()).or_default().push(key.1);
+            }
             book.by_id.insert(a.event.id.clone(), key.clone());
             book.open.insert(key, a);
         }
@@ -67,12 +80,25 @@ impl AlertBook {
     }
 
     /// Applies a verdict about `device` at event time `at`; pushes the events it causes.
-    pub fn apply(&mut self, device: &Device, verdict: &Verdict, at: i64, events: &mut Vec<AlertEvent>) {
+    pub fn apply(
+        &mut self,
+        device: &Device,
+        verdict: &Verdict,
+        at: i64,
+        events: &mut Vec<AlertEvent>,
+    ) {
         let key = (device.id.clone(), verdict.kind());
         match verdict {
-            Verdict::Raise { kind, severity, message, evidence } => match self.open.get_mut(&key) {
+            Verdict::Raise {
+                kind,
+                severity,
+                message,
+                evidence,
+            } => match self.open.get_mut(&key) {
                 Some(a) => {
-                    a.clear_since = None;
+                    if a.clear_since.take().is_some() {
+                        unmark_clearing(&mut self.clearing, &key.0, key.1);
+                    }
                     a.event.count += 1;
                     a.event.updated = a.event.updated.max(at);
                     a.event.message = message.clone();
@@ -102,7 +128,13 @@ impl AlertBook {
                     };
                     self.next_id += 1;
                     self.by_id.insert(event.id.clone(), key.clone());
-                    self.open.insert(key, OpenAlert { event: event.clone(), clear_since: None });
+                    self.open.insert(
+                        key,
+                        OpenAlert {
+                            event: event.clone(),
+                            clear_since: None,
+                        },
+                    );
                     self.dirty.push(event.clone());
                     events.push(event);
                 }
@@ -111,6 +143,7 @@ impl AlertBook {
                 if let Some(a) = self.open.get_mut(&key) {
                     if a.clear_since.is_none() {
                         a.clear_since = Some(at);
+                        self.clearing.entry(key.0.clone()).or_default().push(key.1);
                         self.dirty.push(a.event.clone());
                     }
                 }
@@ -122,14 +155,25 @@ impl AlertBook {
     /// Resolves the alerts of `device` whose condition has been clear for the hold time
     /// as of `at`.
     pub fn settle(&mut self, device: &Id, at: i64, events: &mut Vec<AlertEvent>) {
-        let due: Vec<(Id, AlertKind)> = self
-            .open
+        if self.clearing.is_empty() {
+            return;
+        }
+        let Some(kinds) = self.clearing.get(device) else {
+            return;
+        };
+        let due: Vec<AlertKind> = kinds
             .iter()
-            .filter(|((d, _), a)| d == device && a.clear_since.is_some_and(|since| at - since >= self.hold_ms))
-            .map(|(k, _)| k.clone())
+            .copied()
+            .filter(|&kind| {
+                self.open
+                    .get(&(device.clone(), kind))
+                    .and_then(|a| a.clear_since)
+                    .is_some_and(|since| at - since >= self.hold_ms)
+            })
             .collect();
-        for key in due {
-            if let Some(mut a) = self.open.remove(&key) {
+        for kind in due {
+            unmark_clearing(&mut self.clearing, device, kind);
+            if let Some(mut a) = self.open.remove(&(device.clone(), kind)) {
                 self.by_id.remove(&a.event.id);
                 a.event.state = AlertState::Resolved;
                 a.event.resolved = Some(at);
@@ -142,8 +186,15 @@ impl AlertBook {
 
     /// A supervisor acknowledges alert `id`. Acknowledging twice is harmless (no event).
     pub fn ack(&mut self, id: &str, by: &str, at: i64) -> Result<Option<AlertEvent>, AckError> {
-        let key = self.by_id.get(id).cloned().ok_or_else(|| AckError::NotOpen(id.to_string()))?;
-        let a = self.open.get_mut(&key).ok_or_else(|| AckError::NotOpen(id.to_string()))?;
+        let key = self
+            .by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AckError::NotOpen(id.to_string()))?;
+        let a = self
+            .open
+            .get_mut(&key)
+            .ok_or_else(|| AckError::NotOpen(id.to_string()))?;
         if a.event.state == AlertState::Acknowledged {
             return Ok(None);
         }
@@ -161,7 +212,28 @@ impl AlertBook {
 
     /// The clear-since time of an open alert (persisted with it).
     pub fn clear_since(&self, device: &Id, kind: AlertKind) -> Option<i64> {
-        self.open.get(&(device.clone(), kind)).and_then(|a| a.clear_since)
+        self.open
+            .get(&(device.clone(), kind))
+            .and_then(|a| a.clear_since)
+    }
+
+    /// Number of open alerts.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The hold time in force, ms.
+    pub fn hold_ms(&self) -> i64 {
+        self.hold_ms
+    }
+}
+
+fn unmark_clearing(clearing: &mut HashMap<Id, Vec<AlertKind>>, device: &Id, kind: AlertKind) {
+    if let Some(kinds) = clearing.get_mut(device) {
+        kinds.retain(|&k| k != kind);
+        if kinds.is_empty() {
+            clearing.remove(device);
+        }
     }
 }
 
@@ -191,7 +263,12 @@ mod tests {
     }
 
     fn raise(severity: Severity) -> Verdict {
-        Verdict::Raise { kind: AlertKind::SealBroken, severity, message: "m".into(), evidence: Default::default() }
+        Verdict::Raise {
+            kind: AlertKind::SealBroken,
+            severity,
+            message: "m".into(),
+            evidence: Default::default(),
+        }
     }
 
     #[test]
@@ -201,21 +278,32 @@ mod tests {
         let mut ev = Vec::new();
         book.apply(&d, &raise(Severity::Critical), 1_000, &mut ev);
         assert_eq!(ev.len(), 1);
-        assert_eq!((ev[0].id.as_str(), ev[0].state, ev[0].count), ("a-000001", AlertState::Active, 1));
+        assert_eq!(
+            (ev[0].id.as_str(), ev[0].state, ev[0].count),
+            ("a-000001", AlertState::Active, 1)
+        );
         // A repeat counts, publishes nothing.
         book.apply(&d, &raise(Severity::Critical), 2_000, &mut ev);
         assert_eq!(ev.len(), 1);
-        assert_eq!(book.get(&d.id, AlertKind::SealBroken).unwrap().event.count, 2);
+        assert_eq!(
+            book.get(&d.id, AlertKind::SealBroken).unwrap().event.count,
+            2
+        );
         // A severity change publishes.
         book.apply(&d, &raise(Severity::Warning), 3_000, &mut ev);
         assert_eq!(ev.len(), 2);
         assert_eq!(ev[1].severity, Severity::Warning);
         // Acknowledge.
         let acked = book.ack("a-000001", "sup-1", 3_500).unwrap().unwrap();
-        assert_eq!((acked.state, acked.ack_by.as_deref()), (AlertState::Acknowledged, Some("sup-1")));
+        assert_eq!(
+            (acked.state, acked.ack_by.as_deref()),
+            (AlertState::Acknowledged, Some("sup-1"))
+        );
         assert_eq!(book.ack("a-000001", "sup-1", 3_600).unwrap(), None);
         // Clear, then back within the hold: still open, the clock restarts.
-        let clear = Verdict::Clear { kind: AlertKind::SealBroken };
+        let clear = Verdict::Clear {
+            kind: AlertKind::SealBroken,
+        };
         book.apply(&d, &clear, 4_000, &mut ev);
         book.settle(&d.id, 600_000, &mut ev);
         assert_eq!(ev.len(), 2);
@@ -225,9 +313,15 @@ mod tests {
         assert_eq!(ev.len(), 2, "one ms short of the hold");
         book.settle(&d.id, 1_300_000, &mut ev);
         assert_eq!(ev.len(), 3);
-        assert_eq!((ev[2].state, ev[2].resolved), (AlertState::Resolved, Some(1_300_000)));
+        assert_eq!(
+            (ev[2].state, ev[2].resolved),
+            (AlertState::Resolved, Some(1_300_000))
+        );
         assert!(book.get(&d.id, AlertKind::SealBroken).is_none());
-        assert_eq!(book.ack("a-000001", "x", 1), Err(AckError::NotOpen("a-000001".into())));
+        assert_eq!(
+            book.ack("a-000001", "x", 1),
+            Err(AckError::NotOpen("a-000001".into()))
+        );
         // A recurrence is a new alert.
         book.apply(&d, &raise(Severity::Critical), 1_400_000, &mut ev);
         assert_eq!(ev[3].id, "a-000002");

@@ -77,7 +77,11 @@ fn hash(seq: i64, prev: &str, e: &AuditEntry) -> String {
 /// Appends `entry` to the chain (inside the caller's transaction, if any); returns its seq.
 pub fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
     let last: Option<(i64, String)> = conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
     let (seq, prev) = match last {
         Some((s, h)) => (s + 1, h),
@@ -87,7 +91,18 @@ pub fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO audit (seq, ts, actor, action, subject, old, new, why, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![seq, entry.ts, entry.actor, entry.action, entry.subject, entry.old, entry.new, entry.why, prev, h],
+        params![
+            seq,
+            entry.ts,
+            entry.actor,
+            entry.action,
+            entry.subject,
+            entry.old,
+            entry.new,
+            entry.why,
+            prev,
+            h
+        ],
     )?;
     Ok(seq)
 }
@@ -121,13 +136,22 @@ pub fn verify(conn: &Connection) -> Result<u64, AuditError> {
     for row in rows {
         let (seq, entry, prev, stored) = row.map_err(db)?;
         if seq != expected_seq {
-            return Err(AuditError::Broken { seq, detail: format!("expected entry {expected_seq}: entries missing") });
+            return Err(AuditError::Broken {
+                seq,
+                detail: format!("expected entry {expected_seq}: entries missing"),
+            });
         }
         if prev != expected_prev {
-            return Err(AuditError::Broken { seq, detail: "does not follow the previous entry's hash".into() });
+            return Err(AuditError::Broken {
+                seq,
+                detail: "does not follow the previous entry's hash".into(),
+            });
         }
         if hash(seq, &prev, &entry) != stored {
-            return Err(AuditError::Broken { seq, detail: "content does not match its hash (edited)".into() });
+            return Err(AuditError::Broken {
+                seq,
+                detail: "content does not match its hash (edited)".into(),
+            });
         }
         expected_prev = stored;
         expected_seq += 1;
@@ -160,13 +184,21 @@ mod tests {
         }
         assert_eq!(verify(&conn).unwrap(), 5);
         // The triggers refuse edits through SQL ...
-        assert!(conn.execute("UPDATE audit SET why = 'x' WHERE seq = 2", []).is_err());
+        assert!(conn
+            .execute("UPDATE audit SET why = 'x' WHERE seq = 2", [])
+            .is_err());
         assert!(conn.execute("DELETE FROM audit WHERE seq = 2", []).is_err());
         // ... and an edit that bypasses them is found by the hash.
-        conn.execute_batch("DROP TRIGGER audit_no_update; UPDATE audit SET new = '{\"n\":99}' WHERE seq = 3;").unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER audit_no_update; UPDATE audit SET new = '{\"n\":99}' WHERE seq = 3;",
+        )
+        .unwrap();
         assert_eq!(
             verify(&conn),
-            Err(AuditError::Broken { seq: 3, detail: "content does not match its hash (edited)".into() })
+            Err(AuditError::Broken {
+                seq: 3,
+                detail: "content does not match its hash (edited)".into()
+            })
         );
     }
 
@@ -177,7 +209,11 @@ mod tests {
         for i in 0..3 {
             append(&conn, &entry(i)).unwrap();
         }
-        conn.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 2;").unwrap();
-        assert!(matches!(verify(&conn), Err(AuditError::Broken { seq: 3, .. })));
+        conn.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 2;")
+            .unwrap();
+        assert!(matches!(
+            verify(&conn),
+            Err(AuditError::Broken { seq: 3, .. })
+        ));
     }
 }

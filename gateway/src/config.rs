@@ -1,10 +1,15 @@
-//! `gateway.toml` (CONTRACT §5): broker, registry, HTTP listener and time-series sinks.
+//! `gateway.toml` (CONTRACT §5): broker, registry, HTTP listener and time-series sinks, plus
+//! the gateway's own tables: `[checks]` (the parameters of the domain checks), `[alerts]`,
+//! `[sweep]` and `[queue]` (the durable queue in front of every sink).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use calwatch_agent::mqtt::MqttConfig;
 use calwatch_agent::tomlfile::{self, ConfigError};
 use serde::Deserialize;
+
+use crate::checks::CheckConfig;
 
 /// The gateway's configuration, parsed and validated.
 #[derive(Clone, Debug)]
@@ -14,8 +19,39 @@ pub struct GatewayConfig {
     pub client_id: String,
     pub registry: RegistryConfig,
     pub http: HttpConfig,
-    pub sinks: Vec<SinkConfig>,
+    pub sinks: Vec<Sink>,
+    /// Parameters of the checks (`[checks]`, every key optional; DESIGN's defaults).
+    pub checks: CheckConfig,
+    /// How long a cleared condition must stay clear before its alert resolves, ms of event
+    /// time (`[alerts] hold_ms`, DESIGN decision 10: 10 min).
+    pub hold_ms: i64,
+    /// Period of the wall-clock sweep (`[sweep] interval_s`, default 60 s): window states of
+    /// silent devices, liveness, `device_status`, `coverage`, open alerts.
+    pub sweep_interval: Duration,
+    /// The durable queues in front of the sinks (`[queue]`).
+    pub queue: QueueConfig,
     pub file: PathBuf,
+}
+
+/// `[queue]`: one crash-safe spool per sink target, `<dir>/<sink name>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Default: `queue/` next to the registry file.
+    pub dir: PathBuf,
+    /// Bound of each target's queue in bytes (default 1 GiB). A full queue blocks ingest
+    /// (no MQTT acks, so the agents' spools hold the backlog); nothing is dropped.
+    pub max_bytes: u64,
+}
+
+/// Default `[queue] max_bytes`: 1 GiB per target.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 1 << 30;
+
+/// One configured target: its name (the queue directory) and where it writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sink {
+    /// `name` in the file; defaults to the kind when only one sink has that kind.
+    pub name: String,
+    pub target: SinkConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -64,6 +100,49 @@ struct RawConfig {
     http: HttpConfig,
     #[serde(default)]
     sink: Vec<toml::Spanned<RawSink>>,
+    #[serde(default)]
+    checks: Option<toml::Spanned<CheckConfig>>,
+    #[serde(default)]
+    alerts: RawAlerts,
+    #[serde(default)]
+    sweep: RawSweep,
+    #[serde(default)]
+    queue: RawQueue,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAlerts {
+    hold_ms: toml::Spanned<i64>,
+}
+
+impl Default for RawAlerts {
+    fn default() -> Self {
+        RawAlerts {
+            hold_ms: toml::Spanned::new(0..0, crate::alerts::DEFAULT_HOLD_MS),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawSweep {
+    interval_s: toml::Spanned<u64>,
+}
+
+impl Default for RawSweep {
+    fn default() -> Self {
+        RawSweep {
+            interval_s: toml::Spanned::new(0..0, 60),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawQueue {
+    dir: Option<PathBuf>,
+    max_bytes: Option<toml::Spanned<u64>>,
 }
 
 fn default_client_id() -> String {
@@ -73,6 +152,7 @@ fn default_client_id() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSink {
+    name: Option<String>,
     kind: String,
     url: Option<String>,
     org: Option<String>,
@@ -93,7 +173,8 @@ impl GatewayConfig {
 
     fn from_raw(path: &Path, text: &str, raw: RawConfig) -> Result<GatewayConfig, ConfigError> {
         raw.mqtt.validate(path)?;
-        let mut sinks = Vec::new();
+        let mut sinks: Vec<Sink> = Vec::new();
+        let mut explicit_names = Vec::new();
         for spanned in raw.sink {
             let offset = spanned.span().start;
             let err = |m: String| ConfigError::at_offset(path, text, offset, m);
@@ -155,8 +236,84 @@ impl GatewayConfig {
                     )))
                 }
             };
-            sinks.push(sink);
+            if let Some(name) = &s.name {
+                if !calwatch_protocol::is_valid_id(name) {
+                    return Err(err(format!(
+                        "sink name {name:?} must match [A-Za-z0-9._-]{{1,64}} (it names the queue directory)"
+                    )));
+                }
+            }
+            explicit_names.push((s.name.is_some(), offset));
+            sinks.push(Sink {
+                name: s.name.clone().unwrap_or_else(|| s.kind.clone()),
+                target: sink,
+            });
         }
+        // Each target has its own queue directory, so names must differ.
+        for (i, sink) in sinks.iter().enumerate() {
+            if sinks[..i].iter().any(|o| o.name == sink.name) {
+                let (explicit, offset) = explicit_names[i];
+                let why = if explicit {
+                    format!("sink name {:?} is used twice", sink.name)
+                } else {
+                    format!(
+                        "several sinks of kind {:?}: give each a distinct name (it names its queue directory)",
+                        sink.name
+                    )
+                };
+                return Err(ConfigError::at_offset(path, text, offset, why));
+            }
+        }
+        let checks = match raw.checks {
+            Some(spanned) => {
+                let offset = spanned.span().start;
+                let checks = spanned.into_inner();
+                checks
+                    .validate()
+                    .map_err(|e| ConfigError::at_offset(path, text, offset, e.to_string()))?;
+                checks
+            }
+            None => CheckConfig::default(),
+        };
+        let hold_ms = *raw.alerts.hold_ms.get_ref();
+        if hold_ms < 0 {
+            return Err(ConfigError::at_offset(
+                path,
+                text,
+                raw.alerts.hold_ms.span().start,
+                "alerts.hold_ms must not be negative",
+            ));
+        }
+        let interval_s = *raw.sweep.interval_s.get_ref();
+        if interval_s == 0 {
+            return Err(ConfigError::at_offset(
+                path,
+                text,
+                raw.sweep.interval_s.span().start,
+                "sweep.interval_s must be at least 1",
+            ));
+        }
+        let registry_path = tomlfile::resolve(path, &raw.registry.path);
+        let queue_dir = match &raw.queue.dir {
+            Some(d) => tomlfile::resolve(path, d),
+            None => registry_path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("queue"),
+        };
+        let max_bytes = match &raw.queue.max_bytes {
+            // Two segments of at least 64 KiB, and room for the largest record (1 MiB).
+            Some(m) if *m.get_ref() < 4 << 20 => {
+                return Err(ConfigError::at_offset(
+                    path,
+                    text,
+                    m.span().start,
+                    "queue.max_bytes must be at least 4194304 (4 MiB)",
+                ))
+            }
+            Some(m) => *m.get_ref(),
+            None => DEFAULT_QUEUE_MAX_BYTES,
+        };
         let mut mqtt = raw.mqtt;
         mqtt.resolve_paths(path);
         if !calwatch_protocol::is_valid_id(&raw.client_id) {
@@ -172,10 +329,17 @@ impl GatewayConfig {
             mqtt,
             client_id: raw.client_id,
             registry: RegistryConfig {
-                path: tomlfile::resolve(path, &raw.registry.path),
+                path: registry_path,
             },
             http: raw.http,
             sinks,
+            checks,
+            hold_ms,
+            sweep_interval: Duration::from_secs(interval_s),
+            queue: QueueConfig {
+                dir: queue_dir,
+                max_bytes,
+            },
             file: path.to_path_buf(),
         })
     }
@@ -210,8 +374,14 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.registry.path, PathBuf::from("/etc/calwatch/registry.db"));
+        assert_eq!(c.sinks[0].name, "influx_v1");
+        assert_eq!(c.queue.dir, PathBuf::from("/etc/calwatch/queue"));
+        assert_eq!(c.queue.max_bytes, DEFAULT_QUEUE_MAX_BYTES);
+        assert_eq!(c.checks, CheckConfig::default());
+        assert_eq!(c.hold_ms, 600_000);
+        assert_eq!(c.sweep_interval, Duration::from_secs(60));
         assert_eq!(
-            c.sinks[0],
+            c.sinks[0].target,
             SinkConfig::InfluxV1 {
                 url: "http://127.0.0.1:8086".into(),
                 db: "calwatch".into(),
@@ -220,7 +390,65 @@ mod tests {
                 password: None
             }
         );
-        assert!(matches!(&c.sinks[1], SinkConfig::InfluxV2 { org, .. } if org == "bureau"));
+        assert!(matches!(&c.sinks[1].target, SinkConfig::InfluxV2 { org, .. } if org == "bureau"));
+    }
+
+    #[test]
+    fn the_shipped_example_parses_to_the_defaults() {
+        let c = parse(include_str!("../../config/gateway.toml")).unwrap();
+        assert_eq!(c.checks, CheckConfig::default());
+        assert_eq!(c.hold_ms, crate::alerts::DEFAULT_HOLD_MS);
+        assert_eq!(c.sweep_interval, Duration::from_secs(60));
+        assert_eq!(c.queue.dir, PathBuf::from("/var/lib/calwatch/queue"));
+        assert_eq!(c.sinks.len(), 1);
+    }
+
+    #[test]
+    fn checks_alerts_sweep_queue() {
+        let c = parse(&format!(
+            "{BASE}[checks]\ncheat_sales = 3\n[checks.drift]\nmin_r = 0.25\n[alerts]\nhold_ms = 1000\n\
+             [sweep]\ninterval_s = 5\n[queue]\ndir = \"/var/spool/calwatch\"\nmax_bytes = 8388608\n\
+             [[sink]]\nkind = \"stdout\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.checks.cheat_sales, 3);
+        assert_eq!(c.checks.drift.min_r, 0.25);
+        assert_eq!(c.checks.drift.lambda, 0.2);
+        assert_eq!(c.hold_ms, 1000);
+        assert_eq!(c.sweep_interval, Duration::from_secs(5));
+        assert_eq!(c.queue.dir, PathBuf::from("/var/spool/calwatch"));
+        assert_eq!(c.queue.max_bytes, 8 << 20);
+        assert_eq!(c.sinks[0].name, "stdout");
+
+        let err = parse(&format!("{BASE}[checks]\ncheat_sale = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("cheat_sale"), "{err}");
+        assert_eq!(err.line, Some(8), "{err}");
+        let err = parse(&format!("{BASE}[checks.drift]\nlambda = 0.0\n")).unwrap_err();
+        assert!(err.to_string().contains("drift.lambda"), "{err}");
+        let err = parse(&format!("{BASE}[sweep]\ninterval_s = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("sweep.interval_s"), "{err}");
+        assert_eq!(err.line, Some(8), "{err}");
+        let err = parse(&format!("{BASE}[alerts]\nhold = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("hold"), "{err}");
+        let err = parse(&format!("{BASE}[queue]\nmax_bytes = 1000\n")).unwrap_err();
+        assert!(err.to_string().contains("queue.max_bytes"), "{err}");
+        let two = "[[sink]]\nkind = \"stdout\"\n";
+        let err = parse(&format!("{BASE}{two}{two}")).unwrap_err();
+        assert!(err.to_string().contains("distinct name"), "{err}");
+        assert_eq!(err.line, Some(9), "{err}");
+        let c = parse(&format!(
+            "{BASE}[[sink]]\nname = \"a\"\nkind = \"stdout\"\n[[sink]]\nname = \"b\"\nkind = \"stdout\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.sinks[0].name.as_str(), c.sinks[1].name.as_str()),
+            ("a", "b")
+        );
+        let err = parse(&format!(
+            "{BASE}[[sink]]\nname = \"a/b\"\nkind = \"stdout\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("sink name"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! An embedded MQTT broker, simulated instruments (a scale, an energy meter, a dispenser)
 //! served over real Modbus TCP, one agent per site polling them, and the gateway with a
-//! registry of those instruments, writing line protocol to standard output.
+//! registry of those instruments, writing line protocol to standard output and its alerts,
+//! one readable line each, to standard error.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -15,9 +16,11 @@ use calwatch_agent::profile::Profile;
 use calwatch_agent::simulate::{self, Simulator};
 use tokio::sync::watch;
 
+use calwatch_protocol::{AlertEvent, AlertState};
+
 use crate::config::GatewayConfig;
-use crate::ingest::IngestStats;
 use crate::registry::Registry;
+use crate::Gateway;
 
 const PROFILES: [(&str, &str); 3] = [
     (
@@ -116,16 +119,30 @@ pub async fn run(dir: &Path, shutdown: watch::Receiver<bool>) -> Result<(), Demo
     std::fs::write(
         &gateway_toml,
         format!(
-            "[mqtt]\nurl = \"mqtt://{broker_addr}\"\n[registry]\npath = \"registry.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+            "[mqtt]\nurl = \"mqtt://{broker_addr}\"\n[registry]\npath = \"registry.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[sweep]\ninterval_s = 10\n\
              [[sink]]\nkind = \"stdout\"\n"
         ),
     )
     .map_err(io)?;
     let cfg = GatewayConfig::load(&gateway_toml).map_err(|e| DemoError::Setup(e.to_string()))?;
-    eprintln!("demo: gateway ingesting; readings follow as InfluxDB line protocol (Ctrl-C stops)");
-    let stats = Arc::new(IngestStats::default());
+    eprintln!("demo: gateway ingesting; readings follow as InfluxDB line protocol, alerts as ALERT lines (Ctrl-C stops)");
+    let gateway = Gateway::start(cfg, shutdown.clone())
+        .await
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let mut alerts = gateway.subscribe_alerts();
+    let printer = tokio::spawn(async move {
+        loop {
+            match alerts.recv().await {
+                Ok(e) => eprintln!("{}", alert_line(&e)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("demo: {n} alert events not shown (too many at once)")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
     let report = {
-        let stats = stats.clone();
+        let metrics = gateway.metrics();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -133,22 +150,42 @@ pub async fn run(dir: &Path, shutdown: watch::Receiver<bool>) -> Result<(), Demo
             loop {
                 tokio::select! {
                     _ = tick.tick() => eprintln!(
-                        "demo: {} readings ingested in {} batches, {} duplicates",
-                        stats.readings.load(Ordering::Relaxed),
-                        stats.batches.load(Ordering::Relaxed),
-                        stats.duplicates.load(Ordering::Relaxed)
+                        "demo: {} readings checked in {} batches, {} duplicates",
+                        metrics.readings_checked.load(Ordering::Relaxed),
+                        metrics.batches.load(Ordering::Relaxed),
+                        metrics.duplicates.load(Ordering::Relaxed)
                     ),
                     _ = stop.changed() => break,
                 }
             }
         })
     };
-    let result = crate::run(cfg, shutdown, stats).await;
+    let result = gateway.wait().await;
     for a in agents {
         let _ = a.await;
     }
     report.abort();
+    printer.abort();
     result.map_err(|e| DemoError::Setup(e.to_string()))
+}
+
+/// `ALERT a-000003 critical seal_broken HS-SCL-0001 (market-3/stall-12): message`; the state
+/// follows the kind when it is not `active`.
+pub fn alert_line(e: &AlertEvent) -> String {
+    let state = match e.state {
+        AlertState::Active => String::new(),
+        other => format!(" {}", other.as_str()),
+    };
+    format!(
+        "ALERT {} {} {}{state} {} ({}/{}): {}",
+        e.id,
+        e.severity.as_str(),
+        e.kind.as_str(),
+        e.device,
+        e.owner,
+        e.site,
+        e.message
+    )
 }
 
 async fn wait_for_port(addr: SocketAddr) -> Result<(), DemoError> {

@@ -1,162 +1,677 @@
-//! Ingest: the MQTT subscription to every agent's readings → decode → assignment check →
-//! dedup on (device, seq) → line protocol → sinks. A message is acknowledged only after
-//! its readings were stored by every sink (or rejected for good), so nothing acked is lost;
-//! redelivery is harmless because of the dedup.
+//! Ingest: the MQTT subscription to every agent's readings (and status) → decode → agent
+//! assignment → dedup on (device, seq) → checks → alert lifecycle → line protocol → the sinks'
+//! durable queues.
+//!
+//! # Durability order
+//!
+//! DESIGN: "the gateway acks an MQTT message only after its readings are checked and handed
+//! to the sink's durable queue". The subscription is a persistent session (`clean_session =
+//! false`) with manual acks, so the broker redelivers whatever the gateway did not ack, also
+//! across a gateway restart. Messages are taken in bursts (what is ready, up to
+//! [`BURST_MESSAGES`] messages or [`BURST_BYTES`] of payload) and each burst goes through:
+//!
+//! 1. **process in memory** ([`Pipeline`]): decode, assignment, dedup against the device's
+//!    `last_seq`, [`checks::check_reading`], [`AlertBook::apply`] / [`AlertBook::settle`], line
+//!    protocol for the readings and the alert events;
+//! 2. **queue**: append the burst's line protocol to *every* sink target's spool and `sync()`
+//!    it (a full spool blocks here: backpressure, never a drop);
+//! 3. **commit**: the changed device states (with `last_seq`, gaps, readings checked), the
+//!    changed alerts, the next alert id, the audit entries of the alert transitions and the
+//!    transitions themselves (the outbox) in *one* SQLite transaction;
+//! 4. **ack** the burst's MQTT messages;
+//! 5. **publish** the alert events on `calwatch/v1/alerts/{owner}/{device}` (QoS 1, not
+//!    retained) and broadcast them in-process; their outbox rows are deleted by a later
+//!    commit, a few seconds after they were handed to the MQTT client.
+//!
+//! A crash at any point loses nothing acked, and checks nothing twice:
+//! - before 2 completes: nothing is durable; the broker redelivers the burst and the restarted
+//!   gateway processes it from the committed state, exactly as the first time.
+//! - after 2, before 3: the queues hold the burst's points but the state does not know them.
+//!   Redelivered, the burst is re-checked from the old committed state and produces the same
+//!   points again (the checks are deterministic functions of state and reading, in event
+//!   time): same series, timestamp and fields, which InfluxDB stores once (a point overwrites
+//!   its equal; VictoriaMetrics keeps both samples unless its deduplication is on). Its alert
+//!   events are raised for the first time as far as anyone outside can tell: nothing of the
+//!   burst was committed, acked or published. Their ids continue from the persisted next id
+//!   (the same ids as in the first attempt, unless a sweep raised something first).
+//! - after 3, before 4: redelivered readings have `seq <= last_seq` and are dropped as
+//!   duplicates (counted); the burst's events sit in the outbox and are published at
+//!   startup.
+//! - after 4, before the outbox rows are deleted: the events are published again at startup
+//!   (at least once; a receiver sees the same id, state and `updated` twice).
+//!
+//! Redelivery of anything else is harmless for the same reason: dedup on (device, seq) against
+//! the committed `last_seq`. The sink writers read the spools in order and acknowledge records
+//! only after the store answered 2xx (or the record went to the dead-letter file), syncing
+//! the spool's ledger then, so a restart replays unwritten points in order (and at most the
+//! request in flight at a crash is written again: the same points).
+//!
+//! Liveness, the window sweep of silent devices and the periodic measurements
+//! (`device_status`, `coverage`, open alerts) run on the wall clock every `[sweep] interval_s`
+//! through the same steps 1–3 and 5 (there is nothing to ack); see [`crate::sweep`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use calwatch_agent::backoff::Backoff;
 use calwatch_agent::mqtt::MqttConfig;
-use calwatch_protocol::{Id, ReadingBatch, Topic, Value, READINGS_FILTER};
+use calwatch_protocol::{
+    alert_topic, AgentState, AgentStatus, AlertEvent, Id, ReadingBatch, Topic, Value,
+    READINGS_FILTER, STATUS_FILTER,
+};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::registry::Registry;
+use crate::alerts::AlertBook;
+use crate::checks::{self, liveness, CheckConfig, Verdict};
+use crate::metrics::Metrics;
+use crate::registry::{Device, Registry};
 use crate::sink::line::LineBuffer;
-use crate::sink::Sinks;
+use crate::sink::Queues;
+use crate::store::{Commit, SavedDevice, StateStore, StoreError};
 
-/// Lead time of the `due_soon` state (DESIGN: 30 days).
-pub const DUE_SOON_LEAD_MS: i64 = 30 * 86_400_000;
+/// A burst takes at most this many MQTT messages ...
+pub const BURST_MESSAGES: usize = 64;
+/// ... or this much payload (about 50,000 readings of ~170 bytes).
+pub const BURST_BYTES: usize = 8 << 20;
+/// Published alert events stay in the outbox this long, so a crash right after publishing
+/// publishes them again rather than never.
+const OUTBOX_GRACE: Duration = Duration::from_secs(3);
 
-/// Ingest counters.
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    pub batches: AtomicU64,
-    pub readings: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub gaps: AtomicU64,
-    /// Rejected batches or readings by reason.
-    pub rejected: Mutex<BTreeMap<&'static str, u64>>,
-}
-
-impl IngestStats {
-    fn reject(&self, reason: &'static str, n: u64) {
-        if let Ok(mut r) = self.rejected.lock() {
-            *r.entry(reason).or_default() += n;
-        }
-    }
-
-    /// Count rejected for `reason`.
-    pub fn rejected(&self, reason: &str) -> u64 {
-        self.rejected
-            .lock()
-            .ok()
-            .and_then(|r| r.get(reason).copied())
-            .unwrap_or(0)
-    }
-}
-
-/// Why ingest could not start.
+/// Why ingest could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("mqtt settings: {0}")]
     Settings(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("ingest task: {0}")]
+    Task(String),
 }
 
-/// Turns batches into stored points. Pure with respect to I/O: the caller moves bytes.
-pub struct Ingest {
-    registry: Registry,
-    high_water: HashMap<Id, u64>,
-    pub stats: Arc<IngestStats>,
+/// The gateway was asked to stop while it waited (for a full queue, a failing disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// What processing produced: line protocol for the sinks and alert events to publish.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub lines: LineBuffer,
+    pub events: Vec<AlertEvent>,
+    /// Readings checked (after dedup).
+    pub readings: usize,
 }
 
-impl Ingest {
-    pub fn new(registry: Registry, stats: Arc<IngestStats>) -> Ingest {
-        Ingest {
+impl Output {
+    pub fn clear(&mut self) {
+        self.lines.clear();
+        self.events.clear();
+        self.readings = 0;
+    }
+}
+
+/// A registered device with its check state: what one reading needs, behind one lookup.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) device: Arc<Device>,
+    /// [`AgentInfo::index`] of the device's agent: the assignment check without a string
+    /// comparison (and the cache miss of reading the agent's id).
+    pub(crate) agent: u32,
+    /// Its tags as line protocol, escaped: `device=..,kind=..,owner=..,site=..`.
+    pub(crate) series: Box<str>,
+    pub(crate) saved: SavedDevice,
+    /// Changed since the last commit.
+    pub(crate) dirty: bool,
+}
+
+impl Slot {
+    fn new(device: Arc<Device>, agent: u32, saved: SavedDevice) -> Box<Slot> {
+        let series = crate::sink::line::tag_set(&[
+            ("device", device.id.as_str()),
+            ("kind", device.kind.as_str()),
+            ("owner", device.owner.as_str()),
+            ("site", device.site.as_str()),
+        ])
+        .into_boxed_str();
+        Box::new(Slot {
+            device,
+            agent,
+            series,
+            saved,
+            dirty: false,
+        })
+    }
+}
+
+/// What the gateway knows about an agent.
+#[derive(Debug, Default)]
+pub(crate) struct AgentInfo {
+    /// Its number in this pipeline.
+    pub(crate) index: u32,
+    /// Its devices in the registry.
+    pub(crate) devices: Vec<Id>,
+    /// Event-time watermark: the newest `ts` the agent sent (DESIGN decision 1).
+    pub(crate) watermark: Option<i64>,
+    /// Its last will (or a clean stop) said it is offline, and no batch came since: its
+    /// watermark is frozen, so the sweep does not judge its devices by it (which would clear
+    /// the `offline` the last will raised); a reading clears it.
+    pub(crate) down: bool,
+}
+
+/// The ingest pipeline without I/O: bytes of MQTT messages in, line protocol and alert events
+/// out, state changed in memory (committed by the caller).
+pub struct Pipeline {
+    pub(crate) registry: Registry,
+    /// Every registered device (boxed: the map's spare capacity stays small).
+    pub(crate) states: HashMap<Id, Box<Slot>>,
+    /// Devices whose slot is dirty, in the order they became so.
+    pub(crate) dirty: Vec<Id>,
+    pub(crate) book: AlertBook,
+    pub(crate) cfg: CheckConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) agents: HashMap<Id, AgentInfo>,
+    pub(crate) verdicts: Vec<Verdict>,
+}
+
+impl Pipeline {
+    /// A pipeline over `registry`, with the saved states and alerts of the last run. Every
+    /// registered device gets a state (a default one if it has none saved); the open alerts
+    /// are reconciled into the states (a kind with an open alert is present, so its `Clear`
+    /// still comes).
+    pub fn new(
+        registry: Registry,
+        saved: Vec<(Id, SavedDevice)>,
+        book: AlertBook,
+        cfg: CheckConfig,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
+        let mut saved: HashMap<Id, SavedDevice> = saved.into_iter().collect();
+        let mut states: HashMap<Id, Box<Slot>> = HashMap::with_capacity(registry.len());
+        let mut agents: HashMap<Id, AgentInfo> = HashMap::new();
+        for d in registry.devices() {
+            let Some(device) = registry.device_arc(d.id.as_str()) else {
+                continue;
+            };
+            let next = u32::try_from(agents.len()).unwrap_or(u32::MAX);
+            let info = agents.entry(d.agent.clone()).or_insert_with(|| AgentInfo {
+                index: next,
+                ..AgentInfo::default()
+            });
+            let slot = Slot::new(
+                device.clone(),
+                info.index,
+                saved.remove(d.id.as_str()).unwrap_or_default(),
+            );
+            info.devices.push(d.id.clone());
+            if let Some(ts) = slot.saved.state.last_ts {
+                info.watermark = Some(info.watermark.map_or(ts, |w| w.max(ts)));
+            }
+            states.insert(d.id.clone(), slot);
+        }
+        if !saved.is_empty() {
+            tracing::info!(
+                devices = saved.len(),
+                "saved states of devices no longer registered are kept on disk, not loaded"
+            );
+        }
+        for a in book.open() {
+            if let Some(slot) = states.get_mut(a.event.device.as_str()) {
+                let present = &mut slot.saved.state.present;
+                if present.get(a.event.kind).is_none() {
+                    present.set(
+                        a.event.kind,
+                        checks::Raised {
+                            severity: a.event.severity,
+                            at: a.event.updated,
+                        },
+                    );
+                }
+            }
+        }
+        Pipeline {
             registry,
-            high_water: HashMap::new(),
-            stats,
+            states,
+            dirty: Vec::new(),
+            book,
+            cfg,
+            metrics,
+            agents,
+            verdicts: Vec::new(),
         }
     }
 
-    /// Processes one message; returns the line protocol of its accepted readings.
-    pub fn process(&mut self, topic: &str, payload: &[u8], out: &mut LineBuffer) -> usize {
-        let stats = &self.stats;
-        let agent = match Topic::parse(topic) {
-            Ok(Topic::Readings { agent }) => agent,
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn alerts(&self) -> &AlertBook {
+        &self.book
+    }
+
+    /// The saved state of a device.
+    pub fn device_state(&self, id: &str) -> Option<&SavedDevice> {
+        self.states.get(id).map(|s| &s.saved)
+    }
+
+    /// Whether anything changed since the last commit.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Processes one MQTT message: a reading batch or an agent status. `now_ms` (wall clock)
+    /// is the time of a last will.
+    pub fn process(&mut self, topic: &str, payload: &[u8], now_ms: i64, out: &mut Output) {
+        match Topic::parse(topic) {
+            Ok(Topic::Readings { agent }) => self.readings(&agent, payload, out),
+            Ok(Topic::Status { agent }) => self.status(&agent, payload, now_ms, out),
             _ => {
-                stats.reject("bad_topic", 1);
+                self.metrics.reject("bad_topic", 1);
                 tracing::warn!(%topic, "message on an unexpected topic ignored");
-                return 0;
             }
-        };
+        }
+    }
+
+    fn readings(&mut self, agent: &Id, payload: &[u8], out: &mut Output) {
+        let m = &self.metrics;
+        m.messages.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let batch = match ReadingBatch::decode(payload) {
             Ok(b) => b,
             Err(e) => {
-                stats.reject(e.reason.as_str(), 1);
-                tracing::warn!(%topic, error = %e, "batch rejected");
-                return 0;
+                m.reject(e.reason.as_str(), 1);
+                tracing::warn!(%agent, error = %e, "batch rejected");
+                return;
             }
         };
-        if batch.agent != agent {
-            stats.reject("agent_mismatch", 1);
-            tracing::warn!(%topic, claimed = %batch.agent, "batch names another agent than its topic; rejected");
-            return 0;
+        m.decode_latency.record(started.elapsed());
+        if batch.agent != *agent {
+            m.reject("agent_mismatch", 1);
+            tracing::warn!(%agent, claimed = %batch.agent, "batch names another agent than its topic; rejected");
+            return;
         }
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        let mut accepted = 0;
+        let started = Instant::now();
+        m.batches.fetch_add(1, Ordering::Relaxed);
+        m.readings_in
+            .fetch_add(batch.readings.len() as u64, Ordering::Relaxed);
+        let (mut duplicates, mut gaps, mut unknown, mut unassigned) = (0u64, 0u64, 0u64, 0u64);
+        let mut kinds = [0u64; 4];
+        let mut newest: Option<i64> = None;
+        let agent_index = self.agents.get(agent).map(|a| a.index);
         for r in &batch.readings {
-            let Some(dev) = self.registry.device(r.device.as_str()) else {
-                stats.reject("unknown_device", 1);
-                tracing::warn!(agent = %agent, device = %r.device, "reading for an unregistered device refused");
-                continue;
+            newest = Some(newest.map_or(r.ts, |n| n.max(r.ts)));
+            let mut slot = match self.states.get_mut(r.device.as_str()) {
+                Some(slot) => slot,
+                None => {
+                    unknown += 1;
+                    if unknown == 1 {
+                        tracing::warn!(%agent, device = %r.device, "reading for an unregistered device refused");
+                    }
+                    continue;
+                }
             };
-            if dev.agent != agent {
-                stats.reject("unassigned", 1);
-                tracing::warn!(agent = %agent, device = %r.device, assigned = %dev.agent, "reading from an agent the device is not assigned to refused");
+            if Some(slot.agent) != agent_index {
+                unassigned += 1;
+                if unassigned == 1 {
+                    tracing::warn!(%agent, device = %r.device, assigned = %slot.device.agent, "reading from an agent the device is not assigned to refused");
+                }
                 continue;
             }
-            let hw = self.high_water.entry(r.device.clone()).or_insert(0);
-            if r.seq <= *hw {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            let mut reference = None;
+            if let Some(ref_id) = slot.device.reference_device.clone() {
+                // The reference meter's state, then this device's again (one lookup otherwise).
+                reference = self
+                    .states
+                    .get(ref_id.as_str())
+                    .and_then(|s| s.saved.state.reference_energy());
+                slot = match self.states.get_mut(r.device.as_str()) {
+                    Some(slot) => slot,
+                    None => continue,
+                };
+            }
+            let Slot {
+                device,
+                series,
+                saved,
+                dirty,
+                ..
+            } = &mut **slot;
+            let device: &Device = device;
+            let last = saved.state.last_seq;
+            if r.seq <= last {
+                duplicates += 1;
                 continue;
             }
-            if *hw > 0 && r.seq > *hw + 1 {
-                stats.gaps.fetch_add(r.seq - *hw - 1, Ordering::Relaxed);
+            if last > 0 && r.seq > last + 1 {
+                let skipped = r.seq - last - 1;
+                saved.gaps += skipped;
+                gaps += skipped;
             }
-            *hw = r.seq;
-            let vstate = dev.vstate(r.ts, DUE_SOON_LEAD_MS);
+            self.verdicts.clear();
+            checks::check_reading(
+                device,
+                &mut saved.state,
+                r,
+                reference,
+                &self.cfg,
+                &mut self.verdicts,
+            );
+            saved.readings += 1;
+            if !*dirty {
+                *dirty = true;
+                self.dirty.push(r.device.clone());
+            }
+            let first_event = out.events.len();
+            for v in &self.verdicts {
+                self.book.apply(device, v, r.ts, &mut out.events);
+            }
+            self.book.settle(&device.id, r.ts, &mut out.events);
+
+            let vstate = device.vstate(r.ts, self.cfg.due_soon_lead_ms);
             let mut p = out
+                .lines
                 .point("reading")
-                .tag("device", dev.id.as_str())
-                .tag("kind", dev.kind.as_str())
-                .tag("owner", dev.owner.as_str())
-                .tag("site", dev.site.as_str())
+                .tags(series)
                 .tag("vstate", vstate.as_str());
             for (name, value) in &r.values {
                 if name.as_str() == "seq" {
                     continue;
                 }
-                p = match value {
-                    Value::Number(x) => p.float(name.as_str(), *x),
-                    Value::Bool(b) => p.bool(name.as_str(), *b),
+                p = match *value {
+                    Value::Number(x) => p.float(name.as_str(), x),
+                    Value::Bool(b) => p.bool(name.as_str(), b),
                 };
             }
-            p.int("seq", r.seq as i64).finish(r.ts);
-            accepted += 1;
+            p.int("seq", i64::try_from(r.seq).unwrap_or(i64::MAX))
+                .finish(r.ts);
+            for e in &out.events[first_event..] {
+                write_alert(&mut out.lines, e, e.updated);
+                m.alert(e.kind, e.state);
+            }
+            kinds[kind_slot(device)] += 1;
+            out.readings += 1;
         }
-        stats.readings.fetch_add(accepted as u64, Ordering::Relaxed);
-        accepted
+        if let Some(info) = self.agents.get_mut(agent) {
+            info.down = false;
+            if let Some(ts) = newest {
+                info.watermark = Some(info.watermark.map_or(ts, |w| w.max(ts)));
+            }
+        }
+        let checked: u64 = kinds.iter().sum();
+        m.readings_checked.fetch_add(checked, Ordering::Relaxed);
+        for (kind, n) in [
+            crate::registry::DeviceKind::Scale,
+            crate::registry::DeviceKind::Dispenser,
+            crate::registry::DeviceKind::EnergyMeter,
+            crate::registry::DeviceKind::Other,
+        ]
+        .into_iter()
+        .zip(kinds)
+        {
+            if n > 0 {
+                m.checked(kind, n);
+            }
+        }
+        if duplicates > 0 {
+            m.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        }
+        if gaps > 0 {
+            m.gaps.fetch_add(gaps, Ordering::Relaxed);
+        }
+        if unknown > 0 {
+            m.reject("unknown_device", unknown);
+        }
+        if unassigned > 0 {
+            m.reject("unassigned", unassigned);
+        }
+        m.check_latency.record(started.elapsed());
+    }
+
+    /// An agent's status: `offline` (its last will, or a clean stop) takes all its devices
+    /// offline at `now_ms` (DESIGN decision 1, the evidence names the agent).
+    fn status(&mut self, agent: &Id, payload: &[u8], now_ms: i64, out: &mut Output) {
+        let status = match AgentStatus::decode(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.reject("bad_status", 1);
+                tracing::warn!(%agent, error = %e, "agent status not understood");
+                return;
+            }
+        };
+        if status.agent != *agent {
+            self.metrics.reject("agent_mismatch", 1);
+            return;
+        }
+        if status.state != AgentState::Offline {
+            return;
+        }
+        let Some(info) = self.agents.get_mut(agent) else {
+            return;
+        };
+        info.down = true;
+        let mut verdicts = Vec::with_capacity(1);
+        let mut marked = 0;
+        for id in &info.devices {
+            let Some(slot) = self.states.get_mut(id.as_str()) else {
+                continue;
+            };
+            let device: &Device = &slot.device;
+            verdicts.clear();
+            liveness::agent_offline(
+                agent,
+                liveness::AgentDown::LastWill,
+                now_ms,
+                [(device, &mut slot.saved.state)],
+                &mut verdicts,
+            );
+            if !slot.dirty {
+                slot.dirty = true;
+                self.dirty.push(id.clone());
+            }
+            let first_event = out.events.len();
+            for (_, v) in &verdicts {
+                self.book.apply(device, v, now_ms, &mut out.events);
+            }
+            for e in &out.events[first_event..] {
+                write_alert(&mut out.lines, e, e.updated);
+                self.metrics.alert(e.kind, e.state);
+            }
+            marked += 1;
+        }
+        tracing::info!(%agent, devices = marked, "agent offline (last will or stop): its devices are offline");
+    }
+
+    /// Commits the changes since the last commit, with the burst's alert `transitions`,
+    /// retrying a failing store until it works or `stop` is set; returns the outbox seq of the
+    /// last transition (0 without any).
+    pub fn commit(
+        &mut self,
+        store: &mut StateStore,
+        transitions: &[AlertEvent],
+        published_up_to: Option<i64>,
+        now_ms: i64,
+        stop: &AtomicBool,
+    ) -> Result<i64, Stopped> {
+        let mut seen = HashSet::new();
+        let mut alerts = Vec::new();
+        for ev in self.book.take_dirty().into_iter().rev() {
+            if !seen.insert(ev.id.clone()) {
+                continue;
+            }
+            match self.book.get(&ev.device, ev.kind) {
+                Some(open) if open.event.id == ev.id => {
+                    alerts.push((open.event.clone(), open.clear_since));
+                }
+                _ => alerts.push((ev, None)),
+            }
+        }
+        alerts.reverse();
+        let devices = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.states.get_key_value(id.as_str()))
+            .map(|(id, slot)| (id, &slot.saved))
+            .collect();
+        let commit = Commit {
+            devices,
+            alerts,
+            transitions: transitions.to_vec(),
+            next_alert_id: self.book.next_id(),
+            published_up_to,
+        };
+        let backoff = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        };
+        let mut attempt = 0;
+        let last = loop {
+            match store.commit(&commit, now_ms) {
+                Ok(last) => break last,
+                Err(e) => {
+                    let wait = backoff.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::error!(error = %e, retry_in = ?wait, "state commit failed; ingest waits (nothing acked)");
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Stopped);
+                    }
+                    std::thread::sleep(wait);
+                }
+            }
+        };
+        for id in self.dirty.drain(..) {
+            if let Some(slot) = self.states.get_mut(id.as_str()) {
+                slot.dirty = false;
+            }
+        }
+        Ok(last)
     }
 }
 
-/// Subscribes to readings and runs ingest until `shutdown` turns true.
-pub async fn run(
-    mqtt: &MqttConfig,
-    client_id: &str,
-    mut ingest: Ingest,
-    sinks: Sinks,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), IngestError> {
-    let mut opts = mqtt.options(client_id).map_err(IngestError::Settings)?;
+fn kind_slot(device: &Device) -> usize {
+    match device.kind {
+        crate::registry::DeviceKind::Scale => 0,
+        crate::registry::DeviceKind::Dispenser => 1,
+        crate::registry::DeviceKind::EnergyMeter => 2,
+        crate::registry::DeviceKind::Other => 3,
+    }
+}
+
+/// An `alert` point (CONTRACT §4) of `e` at `ts_ms`.
+pub(crate) fn write_alert(lines: &mut LineBuffer, e: &AlertEvent, ts_ms: i64) {
+    lines
+        .point("alert")
+        .tag("device", e.device.as_str())
+        .tag("kind", e.kind.as_str())
+        .tag("severity", e.severity.as_str())
+        .tag("state", e.state.as_str())
+        .tag("owner", e.owner.as_str())
+        .tag("site", e.site.as_str())
+        .int("count", i64::try_from(e.count).unwrap_or(i64::MAX))
+        .string("message", &e.message)
+        .finish(ts_ms);
+}
+
+/// The pipeline with what makes its output durable: the state store and the sink queues.
+pub(crate) struct Core {
+    pub(crate) pipeline: Pipeline,
+    pub(crate) store: StateStore,
+    pub(crate) queues: Arc<Queues>,
+    out: Output,
+    /// Outbox seqs of published events, with when they were handed to the MQTT client.
+    published: VecDeque<(i64, Instant)>,
+}
+
+/// The result of one burst or sweep made durable: its events and their last outbox seq.
+struct Durable {
+    events: Vec<AlertEvent>,
+    outbox: i64,
+}
+
+impl Core {
+    pub(crate) fn new(pipeline: Pipeline, store: StateStore, queues: Arc<Queues>) -> Core {
+        Core {
+            pipeline,
+            store,
+            queues,
+            out: Output::default(),
+            published: VecDeque::new(),
+        }
+    }
+
+    /// Steps 1–3 for a burst of MQTT messages.
+    fn burst(&mut self, msgs: &[Publish], stop: &AtomicBool) -> Result<Durable, Stopped> {
+        let now = crate::now_ms();
+        self.out.clear();
+        for m in msgs {
+            self.pipeline
+                .process(&m.topic, &m.payload, now, &mut self.out);
+        }
+        self.make_durable(now, stop)
+    }
+
+    /// Steps 1–3 for the wall-clock sweep.
+    fn sweep(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
+        let now = crate::now_ms();
+        self.out.clear();
+        self.pipeline.sweep(now, &mut self.out);
+        self.make_durable(now, stop)
+    }
+
+    fn make_durable(&mut self, now: i64, stop: &AtomicBool) -> Result<Durable, Stopped> {
+        let started = Instant::now();
+        if !self.out.lines.is_empty() {
+            self.queues.append(self.out.lines.as_str(), stop)?;
+        }
+        let events = std::mem::take(&mut self.out.events);
+        let mut published_up_to = None;
+        while let Some(&(seq, at)) = self.published.front() {
+            if at.elapsed() < OUTBOX_GRACE {
+                break;
+            }
+            published_up_to = Some(seq);
+            self.published.pop_front();
+        }
+        let mut outbox = 0;
+        if self.pipeline.has_changes() || !events.is_empty() || published_up_to.is_some() {
+            outbox = self
+                .pipeline
+                .commit(&mut self.store, &events, published_up_to, now, stop)?;
+        }
+        self.pipeline
+            .metrics
+            .commit_latency
+            .record(started.elapsed());
+        Ok(Durable { events, outbox })
+    }
+}
+
+/// What the ingest task needs from the outside.
+pub(crate) struct IngestTask {
+    pub(crate) mqtt: MqttConfig,
+    pub(crate) client_id: String,
+    pub(crate) core: Core,
+    pub(crate) alerts: broadcast::Sender<AlertEvent>,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Runs the MQTT subscription and the burst loop until `shutdown` turns true.
+pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
+    let IngestTask {
+        mqtt,
+        client_id,
+        core,
+        alerts,
+        sweep_interval,
+        mut shutdown,
+    } = task;
+    let mut opts = mqtt.options(&client_id).map_err(IngestError::Settings)?;
     opts.set_manual_acks(true);
     // A persistent session: what we did not acknowledge is redelivered after a reconnect.
     opts.set_clean_session(false);
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    let (tx, mut rx) = mpsc::channel::<Publish>(4096);
+    let (tx, mut rx) = mpsc::channel::<Publish>(1024);
     let sub_client = client.clone();
     let url = mqtt.url.clone();
     let events = tokio::spawn(async move {
@@ -170,9 +685,17 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     failures = 0;
                     tracing::info!(broker = %url, "gateway connected to broker");
-                    if let Err(e) = sub_client.try_subscribe(READINGS_FILTER, QoS::AtLeastOnce) {
+                    let filters = [READINGS_FILTER, STATUS_FILTER]
+                        .map(|f| rumqttc::SubscribeFilter::new(f.to_owned(), QoS::AtLeastOnce));
+                    if let Err(e) = sub_client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "cannot subscribe");
                     }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    tracing::info!(
+                        filters = %format!("{READINGS_FILTER} {STATUS_FILTER}"),
+                        "gateway subscribed"
+                    );
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if tx.send(p).await.is_err() {
@@ -190,22 +713,154 @@ pub async fn run(
             }
         }
     });
-    let mut lines = LineBuffer::new();
-    loop {
-        let publish = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => break },
-            _ = shutdown.changed() => break,
-        };
-        let n = ingest.process(&publish.topic, &publish.payload, &mut lines);
-        let ack_client = client.clone();
-        let ack = Box::new(move || {
-            if let Err(e) = ack_client.try_ack(&publish) {
-                tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        // Set `stop` as soon as shutdown is asked, so a burst waiting for a full queue ends.
+        let stop = stop.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
             }
+            stop.store(true, Ordering::Relaxed);
         });
-        sinks.send(lines.take(), n, ack).await;
     }
+
+    let mut core = Some(core);
+    // Events a crash kept from being published (or from being known published).
+    let leftover = match core.as_ref() {
+        Some(c) => c.store.load_outbox()?,
+        None => Vec::new(),
+    };
+    if !leftover.is_empty() {
+        tracing::info!(
+            events = leftover.len(),
+            "publishing alert events left in the outbox"
+        );
+        let last = leftover.last().map_or(0, |(seq, _)| *seq);
+        let events: Vec<AlertEvent> = leftover.into_iter().map(|(_, e)| e).collect();
+        publish(&client, &alerts, &events).await;
+        if let Some(c) = core.as_mut() {
+            c.published.push_back((last, Instant::now()));
+        }
+    }
+
+    let mut sweep = tokio::time::interval(sweep_interval);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut result = Ok(());
+    loop {
+        enum Job {
+            Burst(Vec<Publish>),
+            Sweep,
+        }
+        let job = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            // Before the messages, so a backlog cannot starve it (it is ready once a period).
+            _ = sweep.tick() => Job::Sweep,
+            p = rx.recv() => match p {
+                Some(first) => {
+                    let mut bytes = first.payload.len();
+                    let mut burst = vec![first];
+                    while burst.len() < BURST_MESSAGES && bytes < BURST_BYTES {
+                        match rx.try_recv() {
+                            Ok(p) => {
+                                bytes += p.payload.len();
+                                burst.push(p);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Job::Burst(burst)
+                }
+                None => break,
+            },
+        };
+        let Some(mut c) = core.take() else { break };
+        let stop_flag = stop.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = match &job {
+                Job::Burst(msgs) => c.burst(msgs, &stop_flag),
+                Job::Sweep => c.sweep(&stop_flag),
+            };
+            (c, job, r)
+        })
+        .await;
+        let (c, job, r) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                result = Err(IngestError::Task(e.to_string()));
+                break;
+            }
+        };
+        core = Some(c);
+        let Ok(durable) = r else {
+            // Asked to stop while waiting: nothing of this burst was committed or acked.
+            break;
+        };
+        match job {
+            Job::Burst(msgs) => {
+                for m in &msgs {
+                    if let Err(e) = client.ack(m).await {
+                        tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
+                    }
+                }
+                if let Some(c) = core.as_ref() {
+                    c.pipeline.metrics.bursts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Job::Sweep => {
+                if let Some(c) = core.as_ref() {
+                    let m = &c.pipeline.metrics;
+                    m.sweeps.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        open_alerts = c.pipeline.book.open_count(),
+                        "{}",
+                        m.summary()
+                    );
+                }
+            }
+        }
+        if !durable.events.is_empty() {
+            publish(&client, &alerts, &durable.events).await;
+            if let Some(c) = core.as_mut() {
+                c.published.push_back((durable.outbox, Instant::now()));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
-    Ok(())
+    if let Some(mut c) = core {
+        // Disconnect sent what was queued before it: the outbox is published.
+        if let Some(&(seq, _)) = c.published.back() {
+            if let Err(e) = c.store.published(seq) {
+                tracing::warn!(error = %e, "outbox not cleared; its events are published again at start");
+            }
+        }
+        tracing::info!("ingest stopped: {}", c.pipeline.metrics.summary());
+    }
+    result
+}
+
+/// Step 5: alert events to MQTT (QoS 1, not retained) and to in-process subscribers.
+async fn publish(
+    client: &AsyncClient,
+    alerts: &broadcast::Sender<AlertEvent>,
+    events: &[AlertEvent],
+) {
+    for e in events {
+        let topic = alert_topic(&e.owner, &e.device);
+        if let Err(err) = client
+            .publish(topic, QoS::AtLeastOnce, false, e.encode())
+            .await
+        {
+            tracing::warn!(error = %err, id = %e.id, "alert event not published");
+        }
+        // No subscriber is not an error.
+        let _ = alerts.send(e.clone());
+    }
 }

@@ -1,7 +1,9 @@
 //! calwatch gateway: ingest of agents' readings, the registry of instruments and their
-//! certificates, and the time-series sinks.
+//! certificates, the checks and the alert lifecycle, and the time-series sinks.
 //!
-//! The data flows one way: [`ingest`] (decode, assignment, dedup) → [`sink`].
+//! The data flows one way: [`ingest`] (decode, assignment, dedup, [`checks`], [`alerts`]) →
+//! [`sink`] queues → stores; state and alerts to [`store`], alert events to MQTT and to the
+//! in-process broadcast of the [`Gateway`] handle. [`sweep`] adds the wall-clock part.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
@@ -12,38 +14,153 @@ pub mod civil;
 pub mod config;
 pub mod demo;
 pub mod ingest;
+pub mod metrics;
 pub mod registry;
 pub mod sink;
 pub mod store;
+pub mod sweep;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use calwatch_protocol::AlertEvent;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 
+use crate::alerts::AlertBook;
 use crate::config::GatewayConfig;
-use crate::ingest::{Ingest, IngestError, IngestStats};
+use crate::ingest::{Core, IngestError, IngestTask, Pipeline};
+use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
-use crate::sink::Sinks;
+use crate::sink::{QueueError, Queues};
+use crate::store::{StateStore, StoreError};
 
-/// Why the gateway stopped.
+/// How long a stopping gateway waits for its queues to be written.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Alert events buffered for slow in-process subscribers (they see `Lagged` beyond).
+const ALERT_BROADCAST: usize = 4096;
+
+/// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
     Ingest(#[from] IngestError),
 }
 
+/// Unix epoch milliseconds of the wall clock.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A running gateway: its counters and its alert stream, for the HTTP API and the console.
+pub struct Gateway {
+    metrics: Arc<Metrics>,
+    alerts: broadcast::Sender<AlertEvent>,
+    task: JoinHandle<Result<(), GatewayError>>,
+}
+
+impl Gateway {
+    /// Opens the registry, the state store and the sink queues, and starts ingest, the sweep
+    /// and one writer per sink. It runs until `shutdown` turns true.
+    pub async fn start(
+        cfg: GatewayConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Gateway, GatewayError> {
+        let registry = Registry::open(&cfg.registry.path)?;
+        let store = StateStore::open(&cfg.registry.path)?;
+        let saved = store.load_devices()?;
+        let (open, next_id) = store.load_alerts()?;
+        let queues = Arc::new(Queues::open(&cfg.sinks, &cfg.queue)?);
+        let metrics = Arc::new(Metrics::new(
+            queues.targets.iter().map(|q| q.metrics.clone()).collect(),
+        ));
+        tracing::info!(
+            devices = registry.len(),
+            states = saved.len(),
+            open_alerts = open.len(),
+            next_alert = next_id,
+            registry = %cfg.registry.path.display(),
+            queue = %cfg.queue.dir.display(),
+            sinks = cfg.sinks.len(),
+            "gateway starting"
+        );
+        let book = AlertBook::new(cfg.hold_ms, next_id, open);
+        let pipeline = Pipeline::new(registry, saved, book, cfg.checks.clone(), metrics.clone());
+        let core = Core::new(pipeline, store, queues.clone());
+        let (alerts, _) = broadcast::channel(ALERT_BROADCAST);
+
+        let (stop_writers, writers_stop) = watch::channel(false);
+        let writers = sink::start_writers(&cfg.sinks, &queues, writers_stop);
+        let ingest = tokio::spawn(ingest::run(IngestTask {
+            mqtt: cfg.mqtt.clone(),
+            client_id: cfg.client_id.clone(),
+            core,
+            alerts: alerts.clone(),
+            sweep_interval: cfg.sweep_interval,
+            shutdown,
+        }));
+        let task = tokio::spawn(async move {
+            let result = match ingest.await {
+                Ok(r) => r.map_err(GatewayError::from),
+                Err(e) => Err(GatewayError::Ingest(IngestError::Task(e.to_string()))),
+            };
+            // Give the writers a moment to empty the queues; what is left is written after
+            // the next start.
+            let deadline = Instant::now() + DRAIN_GRACE;
+            while Instant::now() < deadline {
+                let q = queues.clone();
+                let drained = tokio::task::spawn_blocking(move || q.drained())
+                    .await
+                    .unwrap_or(true);
+                if drained {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = stop_writers.send(true);
+            for w in writers {
+                let _ = w.await;
+            }
+            result
+        });
+        Ok(Gateway {
+            metrics,
+            alerts,
+            task,
+        })
+    }
+
+    /// The gateway's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Alert events as they are published (after they were made durable), for the SSE
+    /// stream and the console.
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<AlertEvent> {
+        self.alerts.subscribe()
+    }
+
+    /// Waits until the gateway stopped.
+    pub async fn wait(self) -> Result<(), GatewayError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(GatewayError::Ingest(IngestError::Task(e.to_string()))),
+        }
+    }
+}
+
 /// Runs the gateway until `shutdown` turns true.
-pub async fn run(
-    cfg: GatewayConfig,
-    shutdown: watch::Receiver<bool>,
-    stats: Arc<IngestStats>,
-) -> Result<(), GatewayError> {
-    let registry = Registry::open(&cfg.registry.path)?;
-    tracing::info!(devices = registry.len(), registry = %cfg.registry.path.display(), sinks = cfg.sinks.len(), "gateway starting");
-    let sinks = Sinks::start(&cfg.sinks);
-    let ingest = Ingest::new(registry, stats);
-    ingest::run(&cfg.mqtt, &cfg.client_id, ingest, sinks, shutdown).await?;
-    Ok(())
+pub async fn run(cfg: GatewayConfig, shutdown: watch::Receiver<bool>) -> Result<(), GatewayError> {
+    Gateway::start(cfg, shutdown).await?.wait().await
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use calwatch_protocol::Id;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -38,7 +39,7 @@ fn certificate_json(c: &Certificate) -> serde_json::Value {
 }
 
 /// Instrument families with their own checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceKind {
     Scale,
     Dispenser,
@@ -192,7 +193,8 @@ CREATE TABLE IF NOT EXISTS verification (
 pub struct Registry {
     conn: Connection,
     path: PathBuf,
-    devices: HashMap<Id, Device>,
+    /// Shared with ingest, which keeps each device next to its check state.
+    devices: HashMap<Id, Arc<Device>>,
 }
 
 const DEVICE_COLUMNS: [&str; 13] = [
@@ -245,6 +247,32 @@ impl Registry {
         };
         reg.reload()?;
         Ok(reg)
+    }
+
+    /// A registry held in memory only (benchmarks, tests): `devices` as given, certificates
+    /// sorted oldest first. Not backed by a file: an import replaces them with what it
+    /// imported.
+    pub fn from_devices(devices: Vec<Device>) -> Result<Registry, RegistryError> {
+        let path = PathBuf::from(":memory:");
+        let db = |source| RegistryError::Db {
+            path: ":memory:".into(),
+            source,
+        };
+        let conn = Connection::open_in_memory().map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        crate::audit::init(&conn).map_err(db)?;
+        let devices = devices
+            .into_iter()
+            .map(|mut d| {
+                d.certificates.sort_by_key(|c| c.verified_at);
+                (d.id.clone(), Arc::new(d))
+            })
+            .collect();
+        Ok(Registry {
+            conn,
+            path,
+            devices,
+        })
     }
 
     /// Re-reads every device and certificate from disk.
@@ -345,16 +373,24 @@ impl Registry {
                 d.certificates.push(cert);
             }
         }
-        self.devices = devices;
+        self.devices = devices
+            .into_iter()
+            .map(|(id, d)| (id, Arc::new(d)))
+            .collect();
         Ok(())
     }
 
     pub fn device(&self, id: &str) -> Option<&Device> {
+        self.devices.get(id).map(|d| &**d)
+    }
+
+    /// The shared record of a device.
+    pub fn device_arc(&self, id: &str) -> Option<&Arc<Device>> {
         self.devices.get(id)
     }
 
     pub fn devices(&self) -> impl Iterator<Item = &Device> {
-        self.devices.values()
+        self.devices.values().map(|d| &**d)
     }
 
     pub fn len(&self) -> usize {
@@ -366,7 +402,12 @@ impl Registry {
     }
 
     /// Imports `devices.csv` text (new devices are added, known ids updated). All or nothing.
-    pub fn import_devices(&mut self, file: &Path, text: &str, actor: &str) -> Result<usize, ImportError> {
+    pub fn import_devices(
+        &mut self,
+        file: &Path,
+        text: &str,
+        actor: &str,
+    ) -> Result<usize, ImportError> {
         let rows = parse_csv(file, text, &DEVICE_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
@@ -404,7 +445,7 @@ impl Registry {
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
         for d in &parsed {
-            let old = self.devices.get(d.id.as_str()).map(device_json);
+            let old = self.devices.get(d.id.as_str()).map(|d| device_json(d));
             let new = device_json(d);
             if old.as_ref() != Some(&new) {
                 crate::audit::append(
@@ -412,7 +453,12 @@ impl Registry {
                     &AuditEntry {
                         ts: now,
                         actor: actor.to_string(),
-                        action: if old.is_some() { "device.update" } else { "device.register" }.into(),
+                        action: if old.is_some() {
+                            "device.update"
+                        } else {
+                            "device.register"
+                        }
+                        .into(),
                         subject: d.id.to_string(),
                         old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
                         new: new.to_string(),
@@ -444,7 +490,12 @@ impl Registry {
     }
 
     /// Imports `verifications.csv` text. Every device must be registered. All or nothing.
-    pub fn import_verifications(&mut self, file: &Path, text: &str, actor: &str) -> Result<usize, ImportError> {
+    pub fn import_verifications(
+        &mut self,
+        file: &Path,
+        text: &str,
+        actor: &str,
+    ) -> Result<usize, ImportError> {
         let rows = parse_csv(file, text, &VERIFICATION_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
@@ -472,7 +523,11 @@ impl Registry {
             let old = self
                 .devices
                 .get(device.as_str())
-                .and_then(|d| d.certificates.iter().find(|o| o.certificate == c.certificate))
+                .and_then(|d| {
+                    d.certificates
+                        .iter()
+                        .find(|o| o.certificate == c.certificate)
+                })
                 .map(certificate_json);
             let new = certificate_json(c);
             if old.as_ref() != Some(&new) {
@@ -481,7 +536,12 @@ impl Registry {
                     &AuditEntry {
                         ts: now,
                         actor: actor.to_string(),
-                        action: if old.is_some() { "certificate.update" } else { "certificate.record" }.into(),
+                        action: if old.is_some() {
+                            "certificate.update"
+                        } else {
+                            "certificate.record"
+                        }
+                        .into(),
                         subject: device.to_string(),
                         old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
                         new: new.to_string(),
@@ -770,7 +830,8 @@ M-2,energy_meter,works-2,plant-1,agent-c,SDM630,E78,0.5S,,,,60,M-1
     fn import_and_vstate() {
         let mut r = registry("ok");
         assert_eq!(
-            r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap(),
+            r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+                .unwrap(),
             4
         );
         assert_eq!(r.device("D-1").unwrap().mpe_pct, Some(0.5));
@@ -779,11 +840,16 @@ M-2,energy_meter,works-2,plant-1,agent-c,SDM630,E78,0.5S,,,,60,M-1
 S-1,C-1,2025-03-01,2026-02-28,pass,bureau-7,7,
 S-1,C-2,2026-03-05,,fail,bureau-7,,
 ";
-        assert_eq!(r.import_verifications(Path::new("v.csv"), v, "test").unwrap(), 2);
+        assert_eq!(
+            r.import_verifications(Path::new("v.csv"), v, "test")
+                .unwrap(),
+            2
+        );
         // 4 devices registered + 2 certificates recorded, chained; a re-import of the same
         // rows changes nothing and adds no entry.
         assert_eq!(r.verify_audit().unwrap(), 6);
-        r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap();
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
         assert_eq!(r.verify_audit().unwrap(), 6);
         let s = r.device("S-1").unwrap();
         let day = 86_400_000;
@@ -840,7 +906,8 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
             .unwrap_err();
         assert_eq!(err.line, Some(1));
         assert!(err.reason.contains("missing column"), "{err}");
-        r.import_devices(Path::new("devices.csv"), DEVICES, "test").unwrap();
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
         let err = r
             .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2027-01-01,pass,v,,\nX-9,C,2026-01-01,2027-01-01,pass,v,,\n", "test")
             .unwrap_err();

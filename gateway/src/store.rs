@@ -1,7 +1,8 @@
 //! What the gateway remembers across restarts besides the registry: per-device check state
-//! (with the dedup high-water mark), open and past alerts, and the next alert id. Kept in
-//! the registry's SQLite file; one transaction per ingest commit, together with the audit
-//! entries of the alert transitions in it.
+//! (with the dedup high-water mark), open and past alerts, the next alert id, and the outbox
+//! of alert events not yet known to be published. Kept in the registry's SQLite file; one
+//! transaction per ingest commit, together with the audit entries of the alert transitions
+//! in it.
 
 use std::path::Path;
 
@@ -23,8 +24,10 @@ pub enum StoreError {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS device_state (
-    device TEXT PRIMARY KEY, state TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0
+    device TEXT PRIMARY KEY, state TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0,
+    readings INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert (
     id TEXT PRIMARY KEY, device TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
     owner TEXT NOT NULL, raised INTEGER NOT NULL, updated INTEGER NOT NULL,
@@ -41,6 +44,8 @@ pub struct SavedDevice {
     pub state: DeviceState,
     /// Sequence numbers skipped so far (CONTRACT §1: counted, reported in device status).
     pub gaps: u64,
+    /// Readings checked (after dedup), over the device's life: each reading exactly once.
+    pub readings: u64,
 }
 
 /// The state store.
@@ -54,57 +59,131 @@ pub struct Commit<'a> {
     pub devices: Vec<(&'a Id, &'a SavedDevice)>,
     /// Alert versions to store, with their clear-since time.
     pub alerts: Vec<(AlertEvent, Option<i64>)>,
-    /// Alert transitions to audit (state changes and severity changes).
+    /// Alert transitions to audit (state changes and severity changes); they also go to the
+    /// outbox, to be published.
     pub transitions: Vec<AlertEvent>,
     pub next_alert_id: u64,
+    /// Outbox entries at or below this were published; deleted in this commit.
+    pub published_up_to: Option<i64>,
 }
 
 impl StateStore {
     pub fn open(path: &Path) -> Result<StateStore, StoreError> {
         let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )?;
         conn.execute_batch(SCHEMA)?;
+        // Stores made before the `readings` column existed.
+        let has_readings: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('device_state') WHERE name = 'readings'")?
+            .exists([])?;
+        if !has_readings {
+            conn.execute_batch(
+                "ALTER TABLE device_state ADD COLUMN readings INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         audit::init(&conn)?;
         Ok(StateStore { conn })
     }
 
-    /// Every device's saved state.
-    pub fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT device, state, gaps FROM device_state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+    /// Alert events committed but not known to be published (a crash came between), oldest
+    /// first, with their outbox seq.
+    pub fn load_outbox(&self) -> Result<Vec<(i64, AlertEvent)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, event FROM outbox ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
-            let (device, state, gaps) = row?;
+            let (seq, text) = row?;
+            match AlertEvent::decode(text.as_bytes()) {
+                Ok(e) => out.push((seq, e)),
+                Err(e) => tracing::warn!(seq, error = %e, "undecodable outbox entry skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the outbox entries at or below `seq` (they were published).
+    pub fn published(&mut self, seq: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM outbox WHERE seq <= ?1", params![seq])?;
+        Ok(())
+    }
+
+    /// Every device's saved state.
+    pub fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, state, gaps, readings FROM device_state")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device, state, gaps, readings) = row?;
             let Ok(id) = Id::new(device) else { continue };
-            out.push((id, SavedDevice { state: serde_json::from_str(&state)?, gaps: gaps.max(0) as u64 }));
+            out.push((
+                id,
+                SavedDevice {
+                    state: serde_json::from_str(&state)?,
+                    gaps: gaps.max(0) as u64,
+                    readings: readings.max(0) as u64,
+                },
+            ));
         }
         Ok(out)
     }
 
     /// Open alerts and the next alert id.
     pub fn load_alerts(&self) -> Result<(Vec<OpenAlert>, u64), StoreError> {
-        let mut stmt = self.conn.prepare("SELECT event, clear_since FROM alert WHERE state != 'resolved'")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT event, clear_since FROM alert WHERE state != 'resolved'")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
         let mut open = Vec::new();
         for row in rows {
             let (event, clear_since) = row?;
-            let event = AlertEvent::decode(event.as_bytes()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let event = AlertEvent::decode(event.as_bytes())
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
             open.push(OpenAlert { event, clear_since });
         }
-        let next: Option<i64> = self.conn.query_row("SELECT value FROM meta WHERE key = 'next_alert_id'", [], |r| r.get(0)).optional()?;
+        let next: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_alert_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
         Ok((open, next.unwrap_or(1).max(1) as u64))
     }
 
-    /// Writes one commit atomically.
-    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<(), StoreError> {
+    /// Writes one commit atomically; returns the outbox seq of its last transition (0 when it
+    /// has none).
+    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<i64, StoreError> {
         let tx = self.conn.transaction()?;
+        let mut last_outbox = 0;
         {
             let mut put_state = tx.prepare_cached(
-                "INSERT INTO device_state (device, state, gaps) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3",
+                "INSERT INTO device_state (device, state, gaps, readings) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3, readings = ?4",
             )?;
             for (id, saved) in &c.devices {
-                put_state.execute(params![id.as_str(), serde_json::to_string(&saved.state)?, saved.gaps as i64])?;
+                put_state.execute(params![
+                    id.as_str(),
+                    serde_json::to_string(&saved.state)?,
+                    saved.gaps as i64,
+                    saved.readings as i64
+                ])?;
             }
             let mut put_alert = tx.prepare_cached(
                 "INSERT INTO alert (id, device, kind, state, owner, raised, updated, event, clear_since, seq)
@@ -114,8 +193,16 @@ impl StateStore {
             for (a, clear_since) in &c.alerts {
                 let seq: i64 = a.id.trim_start_matches("a-").parse().unwrap_or(0);
                 put_alert.execute(params![
-                    a.id, a.device.as_str(), a.kind.as_str(), a.state.as_str(), a.owner.as_str(),
-                    a.raised, a.updated, String::from_utf8_lossy(&a.encode()), clear_since, seq
+                    a.id,
+                    a.device.as_str(),
+                    a.kind.as_str(),
+                    a.state.as_str(),
+                    a.owner.as_str(),
+                    a.raised,
+                    a.updated,
+                    String::from_utf8_lossy(&a.encode()),
+                    clear_since,
+                    seq
                 ])?;
             }
             tx.execute(
@@ -123,12 +210,26 @@ impl StateStore {
                 params![c.next_alert_id as i64],
             )?;
         }
+        if let Some(seq) = c.published_up_to {
+            tx.execute("DELETE FROM outbox WHERE seq <= ?1", params![seq])?;
+        }
+        {
+            let mut put_outbox = tx.prepare_cached("INSERT INTO outbox (event) VALUES (?1)")?;
+            for t in &c.transitions {
+                put_outbox.execute(params![String::from_utf8_lossy(&t.encode())])?;
+                last_outbox = tx.last_insert_rowid();
+            }
+        }
         for t in &c.transitions {
             audit::append(
                 &tx,
                 &AuditEntry {
                     ts: now_ms,
-                    actor: t.ack_by.clone().filter(|_| t.state == AlertState::Acknowledged).unwrap_or_else(|| "gateway".into()),
+                    actor: t
+                        .ack_by
+                        .clone()
+                        .filter(|_| t.state == AlertState::Acknowledged)
+                        .unwrap_or_else(|| "gateway".into()),
                     action: format!("alert.{}", t.state.as_str()),
                     subject: t.id.clone(),
                     old: "null".into(),
@@ -138,14 +239,24 @@ impl StateStore {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(last_outbox)
     }
 
     /// Alerts, newest first, filtered; for the API.
-    pub fn alerts(&self, filter: &AlertFilter, limit: usize, offset: usize) -> Result<Vec<AlertEvent>, StoreError> {
+    pub fn alerts(
+        &self,
+        filter: &AlertFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<AlertEvent>, StoreError> {
         let mut sql = String::from("SELECT event FROM alert WHERE 1=1");
         let mut args: Vec<String> = Vec::new();
-        for (col, v) in [("state", &filter.state), ("kind", &filter.kind), ("owner", &filter.owner), ("device", &filter.device)] {
+        for (col, v) in [
+            ("state", &filter.state),
+            ("kind", &filter.kind),
+            ("owner", &filter.owner),
+            ("device", &filter.device),
+        ] {
             if let Some(v) = v {
                 args.push(v.clone());
                 sql.push_str(&format!(" AND {col} = ?{}", args.len()));
@@ -156,7 +267,9 @@ impl StateStore {
         }
         sql.push_str(&format!(" ORDER BY seq DESC LIMIT {limit} OFFSET {offset}"));
         let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            r.get::<_, String>(0)
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let text = row?;

@@ -322,7 +322,13 @@ async fn delivery_spool_full_block_policy_keeps_polling() {
     let broker = Mosquitto::start(&dir, dead_port);
     let counter = Counter::subscribe(broker.port, &site.topic(), "sf-counter").await;
     let _ = counter;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The agent's reconnect backoff may have grown to its 30 s cap by now.
+    for _ in 0..180 {
+        if agent.log_text().contains("spool has room again") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(
         agent.log_text().contains("spool has room again"),
         "{}",

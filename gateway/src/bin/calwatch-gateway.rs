@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
+use calwatch_agent::process::{init_tracing, shutdown_signal};
 use calwatch_gateway::config::GatewayConfig;
 use calwatch_gateway::registry::Registry;
+use calwatch_gateway::store::{AlertFilter, StateStore};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
@@ -40,6 +41,11 @@ enum Command {
         devices: PathBuf,
         verifications: Option<PathBuf>,
     },
+    /// Print the saved per-device state and the alerts, one JSON object a line.
+    State {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check the audit log's hash chain.
     Verify {
         #[arg(long)]
@@ -60,13 +66,7 @@ enum Command {
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing("info,rumqttd=off");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -109,7 +109,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(CONFIG_ERROR);
                     }
                 };
-                let actor = format!("import:{}", std::env::var("USER").unwrap_or_else(|_| "cli".into()));
+                let actor = format!(
+                    "import:{}",
+                    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+                );
                 let result = if is_devices {
                     reg.import_devices(&file, &text, &actor)
                 } else {
@@ -125,11 +128,25 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::State { config } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            match dump_state(&cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("calwatch-gateway state: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Verify { config } => {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(CONFIG_ERROR);
             };
-            let result = Registry::open(&cfg.registry.path).map_err(|e| e.to_string()).and_then(|r| r.verify_audit().map_err(|e| e.to_string()));
+            let result = Registry::open(&cfg.registry.path)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.verify_audit().map_err(|e| e.to_string()));
             match result {
                 Ok(n) => {
                     println!("audit log: {n} entries, chain intact");
@@ -152,7 +169,7 @@ fn main() -> ExitCode {
                     tracing::info!("shutting down");
                     let _ = stop_tx.send(true);
                 });
-                match calwatch_gateway::run(cfg, stop_rx, Arc::default()).await {
+                match calwatch_gateway::run(cfg, stop_rx).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("calwatch-gateway: {e}");
@@ -190,16 +207,31 @@ fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// `{"device":..,"gaps":..,"readings":..,"state":{..}}` per device, then `{"alert":{..}}` per
+/// alert, oldest first.
+fn dump_state(cfg: &GatewayConfig) -> Result<(), String> {
+    use std::io::Write;
+    let store = StateStore::open(&cfg.registry.path).map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    let mut devices = store.load_devices().map_err(|e| e.to_string())?;
+    devices.sort_by(|a, b| a.0.cmp(&b.0));
+    for (id, saved) in devices {
+        let line = serde_json::json!({
+            "device": id.as_str(),
+            "gaps": saved.gaps,
+            "readings": saved.readings,
+            "state": saved.state,
+        });
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
     }
+    let mut alerts = store
+        .alerts(&AlertFilter::default(), usize::MAX >> 1, 0)
+        .map_err(|e| e.to_string())?;
+    alerts.reverse();
+    for a in alerts {
+        let event: serde_json::Value =
+            serde_json::from_slice(&a.encode()).map_err(|e| e.to_string())?;
+        writeln!(out, "{}", serde_json::json!({ "alert": event })).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
