@@ -1,5 +1,6 @@
 //! Polling lines against the simulator over real Modbus TCP: one dead device, one that
-//! never answers and one answering exceptions do not slow the healthy ones.
+//! never answers, one answering garbage and one answering exceptions do not slow the
+//! 100 healthy ones.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -45,6 +46,26 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
         let mut held = Vec::new();
         while let Ok((s, _)) = mute.accept().await {
             held.push(s);
+        }
+    });
+    // A device that answers every request with garbage (not a Modbus frame).
+    let junk = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let junk_addr = junk.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = junk.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 260];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0
+                        || s.write_all(b"\xde\xad\xbe\xef garbage \x00\x01\x02\x03\x04\x05")
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
         }
     });
     // A device whose port is closed.
@@ -93,6 +114,10 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
             Transport::Tcp(dead_addr.clone()),
             vec![device("DEAD", Transport::Tcp(dead_addr), 1, interval)],
         ),
+        (
+            Transport::Tcp(junk_addr.clone()),
+            vec![device("JUNK", Transport::Tcp(junk_addr), 1, interval)],
+        ),
     ];
     let mut controls = Vec::new();
     let mut tasks = Vec::new();
@@ -131,7 +156,7 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
             "S-{u}: seq not consecutive: {seqs:?}"
         );
     }
-    for bad in ["EXC", "MUTE", "DEAD"] {
+    for bad in ["EXC", "MUTE", "DEAD", "JUNK"] {
         assert!(!per_device.contains_key(bad), "{bad} produced readings");
     }
     let h = health.lock().unwrap();
@@ -147,6 +172,11 @@ async fn faulty_devices_do_not_slow_healthy_ones() {
     );
     assert!(
         h.failures.get("DEAD").copied().unwrap_or(0) >= 1,
+        "{:?}",
+        h.failures
+    );
+    assert!(
+        h.failures.get("JUNK").copied().unwrap_or(0) >= 1,
         "{:?}",
         h.failures
     );
