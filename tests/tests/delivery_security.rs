@@ -90,11 +90,53 @@ fn make_certs(dir: &Path) {
             "ext",
         ],
     );
+    // A client certificate for mutual TLS, signed by the same CA (v3, for client auth:
+    // rustls refuses v1 certificates).
+    std::fs::write(dir.join("client-ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    sh(
+        dir,
+        &[
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=agent-a",
+        ],
+    );
+    sh(
+        dir,
+        &[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client-ext",
+        ],
+    );
 }
 
 struct SecureBroker {
     broker: Mosquitto,
     plain_port: u16,
+    /// A listener that requires a client certificate signed by the CA (mutual TLS).
+    mtls_port: u16,
 }
 
 /// mosquitto with the deploy config (paths and ports made private), plus a plain loopback
@@ -147,14 +189,22 @@ fn secure_broker(dir: &Path) -> SecureBroker {
         conf.contains(&format!("listener {tls_port}")),
         "deploy config changed shape:\n{conf}"
     );
+    let mtls_port = free_port();
     let conf = format!(
-        "{}{conf}\nlistener {plain_port} 127.0.0.1\nlog_dest stderr\n",
-        stay_root()
+        "{}{conf}\nlistener {plain_port} 127.0.0.1\n\
+         listener {mtls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n\
+         log_dest stderr\n",
+        stay_root(),
+        d = dir.display()
     );
     let conf_path = dir.join("mosquitto.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let broker = Mosquitto::with_conf(conf_path, tls_port, dir.join("mosquitto.log"));
-    SecureBroker { broker, plain_port }
+    SecureBroker {
+        broker,
+        plain_port,
+        mtls_port,
+    }
 }
 
 fn agent_config(
@@ -364,4 +414,87 @@ async fn delivery_wrong_password_and_wrong_ca_are_explained_and_retried() {
             .unwrap_or(0);
         assert!(spooled > 10, "still spooling: {spooled}\n{log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_with_a_client_certificate_mutual_tls() {
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("delivery-mtls");
+    let secure = secure_broker(&dir);
+    let (_sim, sim_port) = simulator(&dir);
+    let counter = Counter::subscribe_as(
+        secure.plain_port,
+        "calwatch/v1/agents/#",
+        "mtls-counter",
+        Some(("calwatch-gateway", "gw-secret")),
+    )
+    .await;
+    // With the client certificate: accepted, readings arrive.
+    let with_cert = agent_config(
+        &dir,
+        "mtls",
+        "agent-a",
+        secure.mtls_port,
+        "ca.pem",
+        "secret-a",
+        sim_port,
+    );
+    let text = std::fs::read_to_string(&with_cert).unwrap().replace(
+        "keep_alive_s = 5\n",
+        "keep_alive_s = 5\ncert_file = \"client.pem\"\nkey_file = \"client.key\"\n",
+    );
+    std::fs::write(&with_cert, text).unwrap();
+    let mut agent = Proc::start(
+        &dir,
+        "agent-mtls",
+        &bin("calwatch-agent"),
+        &["run", "--config", with_cert.to_str().unwrap()],
+    );
+    assert!(
+        wait_log(&agent, "connected to broker", 20).await,
+        "{}",
+        agent.log_text()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        counter
+            .summary()
+            .get("mtls-S1")
+            .is_some_and(|(s, _)| s.len() >= 5),
+        "{:?}",
+        counter.summary()
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(10)), Some(0));
+    // Without it: the broker refuses the handshake; the agent explains and retries.
+    let without = agent_config(
+        &dir,
+        "nocert",
+        "agent-b",
+        secure.mtls_port,
+        "ca.pem",
+        "secret-b",
+        sim_port,
+    );
+    let agent = Proc::start(
+        &dir,
+        "agent-nocert",
+        &bin("calwatch-agent"),
+        &["run", "--config", without.to_str().unwrap()],
+    );
+    assert!(
+        wait_log(&agent, "cannot connect to broker", 20).await,
+        "{}",
+        agent.log_text()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !agent.log_text().contains("connected to broker"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().matches("cannot connect to broker").count() >= 2,
+        "{}",
+        agent.log_text()
+    );
 }
