@@ -19,6 +19,37 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Audits an imported row when it changes something: `kind.update` for a known subject,
+/// `kind.<created>` for a new one; an unchanged row adds no entry.
+#[allow(clippy::too_many_arguments)]
+fn audit_change(
+    tx: &rusqlite::Transaction<'_>,
+    now: i64,
+    actor: &str,
+    (kind, created): (&str, &str),
+    subject: String,
+    old: Option<serde_json::Value>,
+    new: serde_json::Value,
+    file: &Path,
+) -> rusqlite::Result<()> {
+    if old.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    crate::audit::append(
+        tx,
+        &AuditEntry {
+            ts: now,
+            actor: actor.to_string(),
+            action: format!("{kind}.{}", if old.is_some() { "update" } else { created }),
+            subject,
+            old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
+            new: new.to_string(),
+            why: format!("import {}", file.display()),
+        },
+    )
+    .map(|_| ())
+}
+
 /// A device as JSON for the audit log.
 fn device_json(d: &Device) -> serde_json::Value {
     serde_json::json!({
@@ -447,26 +478,17 @@ impl Registry {
         for d in &parsed {
             let old = self.devices.get(d.id.as_str()).map(|d| device_json(d));
             let new = device_json(d);
-            if old.as_ref() != Some(&new) {
-                crate::audit::append(
-                    &tx,
-                    &AuditEntry {
-                        ts: now,
-                        actor: actor.to_string(),
-                        action: if old.is_some() {
-                            "device.update"
-                        } else {
-                            "device.register"
-                        }
-                        .into(),
-                        subject: d.id.to_string(),
-                        old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
-                        new: new.to_string(),
-                        why: format!("import {}", file.display()),
-                    },
-                )
-                .map_err(db_err)?;
-            }
+            audit_change(
+                &tx,
+                now,
+                actor,
+                ("device", "register"),
+                d.id.to_string(),
+                old,
+                new,
+                file,
+            )
+            .map_err(db_err)?;
             tx.execute(
                 "INSERT INTO device (id, kind, owner, site, agent, model, serial, accuracy_class, max, e, mpe_pct, interval_s, reference_device)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -530,26 +552,17 @@ impl Registry {
                 })
                 .map(certificate_json);
             let new = certificate_json(c);
-            if old.as_ref() != Some(&new) {
-                crate::audit::append(
-                    &tx,
-                    &AuditEntry {
-                        ts: now,
-                        actor: actor.to_string(),
-                        action: if old.is_some() {
-                            "certificate.update"
-                        } else {
-                            "certificate.record"
-                        }
-                        .into(),
-                        subject: device.to_string(),
-                        old: old.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
-                        new: new.to_string(),
-                        why: format!("import {}", file.display()),
-                    },
-                )
-                .map_err(db_err)?;
-            }
+            audit_change(
+                &tx,
+                now,
+                actor,
+                ("certificate", "record"),
+                device.to_string(),
+                old,
+                new,
+                file,
+            )
+            .map_err(db_err)?;
             tx.execute(
                 "INSERT INTO verification (device, certificate, verified_at, valid_until, result, verifier, event_counter, k_factor)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
