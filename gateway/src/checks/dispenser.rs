@@ -121,7 +121,7 @@ fn sale(
     let cfg = ctx.cfg;
     let mpe = dispenser_mpe_l(dispenser_mpe_pct(ctx.device), encoder);
     touched.feed(
-        &mut state.drift.encoder,
+        state.drift.get_mut(super::drift::DriftSource::Encoder),
         ctx.ts,
         (display - encoder) / mpe,
         &cfg.drift,

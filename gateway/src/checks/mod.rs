@@ -415,23 +415,43 @@ pub fn check_reading(
     let mut touched = Touched::default();
     if let Some(c) = mpe::span_comparison(device, &v) {
         if let Some(r) = mpe::judge(&ctx, state, &c, out) {
-            touched.feed(&mut state.drift.span, ctx.ts, r, &cfg.drift);
+            touched.feed(
+                state.drift.get_mut(drift::DriftSource::Span),
+                ctx.ts,
+                r,
+                &cfg.drift,
+            );
         }
     }
     match device.kind {
         DeviceKind::Scale => {
             if let Some(r) = drift::zero_r(device, &v, cfg) {
-                touched.sample(&mut state.drift.zero, ctx.ts, r, &cfg.drift);
+                touched.sample(
+                    state.drift.get_mut(drift::DriftSource::Zero),
+                    ctx.ts,
+                    r,
+                    &cfg.drift,
+                );
             }
         }
         DeviceKind::Dispenser => dispenser::check(&ctx, state, &v, totalizer, out, &mut touched),
         DeviceKind::EnergyMeter => {
             if let Some(r) = drift::physics_r(device, &v, cfg) {
-                touched.sample(&mut state.drift.physics, ctx.ts, r, &cfg.drift);
+                touched.sample(
+                    state.drift.get_mut(drift::DriftSource::Physics),
+                    ctx.ts,
+                    r,
+                    &cfg.drift,
+                );
             }
             if let Some(c) = mpe::reference_comparison(&ctx, state, &v, energy, reference) {
                 if let Some(r) = mpe::judge(&ctx, state, &c, out) {
-                    touched.feed(&mut state.drift.reference, ctx.ts, r, &cfg.drift);
+                    touched.feed(
+                        state.drift.get_mut(drift::DriftSource::Reference),
+                        ctx.ts,
+                        r,
+                        &cfg.drift,
+                    );
                 }
             }
         }
@@ -915,7 +935,7 @@ mod tests {
         }
         assert!(st.present.get(AlertKind::CheatingSuspected).is_some());
         assert!(st.present.get(AlertKind::ParamChanged).is_some());
-        assert!(st.drift.encoder.baseline.is_some());
+        assert!(st.drift.get(drift::DriftSource::Encoder).baseline.is_some());
         let json = serde_json::to_string(&st).unwrap();
         let back: DeviceState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, st);
@@ -975,6 +995,6 @@ mod tests {
         let per = start.elapsed() / readings.len() as u32;
         println!("check_reading: {per:?} per reading");
         assert!(out.is_empty(), "{out:?}");
-        assert!(st.drift.physics.baseline.is_some());
+        assert!(st.drift.get(drift::DriftSource::Physics).baseline.is_some());
     }
 }

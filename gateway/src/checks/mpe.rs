@@ -548,6 +548,11 @@ mod tests {
         // the reference's readings too old for this instant: no comparison
         let v = run_ref(&d, &mut st, &cfg, 5, 9_000_000, &e(800.0), Some(r3));
         assert!(v.is_empty(), "{v:?}");
-        assert_eq!(st.drift.reference.comparisons, 2);
+        assert_eq!(
+            st.drift
+                .get(crate::checks::DriftSource::Reference)
+                .comparisons,
+            2
+        );
     }
 }
