@@ -206,6 +206,17 @@ impl fmt::Display for ImportError {
 
 impl std::error::Error for ImportError {}
 
+impl ImportError {
+    /// An error about the file as a whole (no row to blame).
+    fn whole(file: &Path, reason: String) -> ImportError {
+        ImportError {
+            file: file.into(),
+            line: None,
+            reason,
+        }
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS device (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, site TEXT NOT NULL,
@@ -468,11 +479,7 @@ impl Registry {
                 }
             }
         }
-        let db_err = |e: rusqlite::Error| ImportError {
-            file: file.into(),
-            line: None,
-            reason: format!("registry: {e}"),
-        };
+        let db_err = |e: rusqlite::Error| ImportError::whole(file, format!("registry: {e}"));
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
         for d in &parsed {
@@ -503,11 +510,8 @@ impl Registry {
             .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
-        self.reload().map_err(|e| ImportError {
-            file: file.into(),
-            line: None,
-            reason: e.to_string(),
-        })?;
+        self.reload()
+            .map_err(|e| ImportError::whole(file, e.to_string()))?;
         Ok(parsed.len())
     }
 
@@ -534,11 +538,7 @@ impl Registry {
             }
             parsed.push((device, cert));
         }
-        let db_err = |e: rusqlite::Error| ImportError {
-            file: file.into(),
-            line: None,
-            reason: format!("registry: {e}"),
-        };
+        let db_err = |e: rusqlite::Error| ImportError::whole(file, format!("registry: {e}"));
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
         for (device, c) in &parsed {
@@ -576,11 +576,8 @@ impl Registry {
             .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
-        self.reload().map_err(|e| ImportError {
-            file: file.into(),
-            line: None,
-            reason: e.to_string(),
-        })?;
+        self.reload()
+            .map_err(|e| ImportError::whole(file, e.to_string()))?;
         Ok(parsed.len())
     }
 

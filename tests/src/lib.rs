@@ -139,6 +139,18 @@ impl Proc {
         self.child.id()
     }
 
+    /// The newest value of counter `key` in the agent's periodic stats line
+    /// (`agent stats: readings_polled=N …`), 0 before the first one.
+    pub fn last_stat(&self, key: &str) -> u64 {
+        let needle = format!("{key}=");
+        self.log_text()
+            .lines()
+            .rev()
+            .filter_map(|l| l.split(needle.as_str()).nth(1))
+            .find_map(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -405,13 +405,7 @@ async fn delivery_wrong_password_and_wrong_ca_are_explained_and_retried() {
             !log.contains("not-the-password") && !log.contains("secret-b"),
             "a password leaked into the log"
         );
-        let spooled: u64 = log
-            .lines()
-            .rev()
-            .filter_map(|l| l.split("batches_spooled=").nth(1))
-            .filter_map(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .next()
-            .unwrap_or(0);
+        let spooled = p.last_stat("batches_spooled");
         assert!(spooled > 10, "still spooling: {spooled}\n{log}");
     }
 }

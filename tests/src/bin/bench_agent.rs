@@ -45,16 +45,6 @@ fn proc_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn polled(agent: &Proc) -> u64 {
-    agent
-        .log_text()
-        .lines()
-        .rev()
-        .filter_map(|l| l.split("readings_polled=").nth(1))
-        .find_map(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let devices: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
@@ -135,14 +125,14 @@ fn main() {
     let (c0, s0, p0, t0) = (
         proc_cpu_s(agent_pid),
         proc_cpu_s(sim_pid),
-        polled(&agent),
+        agent.last_stat("readings_polled"),
         Instant::now(),
     );
     std::thread::sleep(Duration::from_secs(seconds));
     let (c1, s1, p1, t1) = (
         proc_cpu_s(agent_pid),
         proc_cpu_s(sim_pid),
-        polled(&agent),
+        agent.last_stat("readings_polled"),
         Instant::now(),
     );
     let wall = (t1 - t0).as_secs_f64();
