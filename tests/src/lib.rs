@@ -4,7 +4,7 @@
 
 pub mod broker;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -182,14 +182,50 @@ impl Drop for Proc {
 
 /// Runs a binary to completion; returns (exit code, stdout, stderr).
 pub fn run_to_end(bin: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
+    run_to_end_within(bin, args, Duration::from_secs(60))
+}
+
+/// [`run_to_end`] with an explicit limit: a child still running after `limit` is killed and
+/// the test fails, rather than hanging the whole suite.
+pub fn run_to_end_within(bin: &Path, args: &[&str], limit: Duration) -> (i32, String, String) {
+    let mut child = Command::new(bin)
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+            panic!(
+                "{} {args:?} still running after {limit:?}; killed\n{err}",
+                bin.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
+        String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
     )
 }
 

@@ -197,21 +197,38 @@ async fn gateway_sinks_write_exactly_once_to_influxdb_v1_and_victoriametrics() {
         "SELECT \"count\", \"severity\" FROM alert WHERE device = '{}' AND kind = 'seal_broken' AND state = 'active'",
         seal.id
     );
-    let (_, rows) = influxql(&svc.influx_v1_url, &svc.influx_v1_db, &q).await;
-    assert!(!rows.is_empty(), "seal_broken alert point in InfluxDB");
-    let text = client
-        .get(format!("{}/api/v1/export", svc.vm_url))
-        .query(&[(
-            "match[]",
-            format!("alert_count{{device=\"{}\",kind=\"seal_broken\"}}", seal.id).as_str(),
-        )])
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(text.contains("\"severity\":\"critical\""), "{text}");
+    eventually(Duration::from_secs(20), || async {
+        let (_, rows) = influxql(&svc.influx_v1_url, &svc.influx_v1_db, &q).await;
+        (!rows.is_empty()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("seal_broken alert point not in InfluxDB\n{}", gw.log_text()));
+    // VictoriaMetrics makes a new series searchable about a second after it is written.
+    let matcher = format!("alert_count{{device=\"{}\",kind=\"seal_broken\"}}", seal.id);
+    eventually(Duration::from_secs(20), || {
+        let client = client.clone();
+        let matcher = matcher.clone();
+        let url = format!("{}/api/v1/export", svc.vm_url);
+        async move {
+            let text = client
+                .get(url)
+                .query(&[("match[]", matcher.as_str())])
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("\"severity\":\"critical\"").then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "seal_broken alert not in VictoriaMetrics\n{}",
+            gw.log_text()
+        )
+    });
 }
 
 /// A store that answers 503 until `fail_until`, 400 to a request holding a poisoned line,

@@ -30,10 +30,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a configuration file (and the profiles it names) and exit.
+    /// Check a configuration file (and the profiles it names), or profile files on
+    /// their own, and exit: 0 when all load, 2 with `file:line: reason` otherwise.
     Check {
+        #[arg(long, required_unless_present = "profile")]
+        config: Option<PathBuf>,
+        /// A profile file to check (repeatable).
         #[arg(long)]
-        config: PathBuf,
+        profile: Vec<PathBuf>,
     },
     /// Serve simulated instruments over Modbus: `count` of one profile (unit ids
     /// 1..=count), or a fleet file (groups, addresses, model options, faults).
@@ -67,16 +71,32 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => match AgentConfig::load(&config) {
-            Ok(c) => {
-                println!("{}: ok ({} devices)", config.display(), c.devices.len());
+        Command::Check { config, profile } => {
+            let mut failed = false;
+            if let Some(config) = config {
+                match AgentConfig::load(&config) {
+                    Ok(c) => println!("{}: ok ({} devices)", config.display(), c.devices.len()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            for path in profile {
+                match Profile::load(&path) {
+                    Ok(p) => println!("{}: ok ({} values)", path.display(), p.values.len()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                ExitCode::from(CONFIG_ERROR)
+            } else {
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(CONFIG_ERROR)
-            }
-        },
+        }
         Command::Run { config } => {
             let cfg = match AgentConfig::load(&config) {
                 Ok(c) => c,
