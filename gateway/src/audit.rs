@@ -107,6 +107,25 @@ pub fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
     Ok(seq)
 }
 
+/// The last `limit` entries, newest first.
+pub fn tail(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
+    let mut stmt = conn.prepare(
+        "SELECT ts, actor, action, subject, old, new, why FROM audit ORDER BY seq DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        Ok(AuditEntry {
+            ts: r.get(0)?,
+            actor: r.get(1)?,
+            action: r.get(2)?,
+            subject: r.get(3)?,
+            old: r.get(4)?,
+            new: r.get(5)?,
+            why: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
 /// Checks the whole chain; returns the number of entries.
 pub fn verify(conn: &Connection) -> Result<u64, AuditError> {
     let db = |e: rusqlite::Error| AuditError::Db(e.to_string());

@@ -64,8 +64,19 @@ pub struct RegistryConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address of the HTTP API and console.
+    /// Address of the HTTP API and console (`host:port`; port 0 picks a free one).
     pub listen: String,
+    /// Certificate chain (PEM) for HTTPS; with `key_file`. Without them, plain HTTP (keep
+    /// `listen` on loopback then, or behind a TLS proxy).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Serve `/metrics` without a token to any address, not only loopback (default false:
+    /// a scraper elsewhere presents a supervisor, verifier or admin token).
+    #[serde(default)]
+    pub metrics_public: bool,
 }
 
 /// One time-series target. Every reading goes to every target.
@@ -316,6 +327,31 @@ impl GatewayConfig {
         };
         let mut mqtt = raw.mqtt;
         mqtt.resolve_paths(path);
+        let mut http = raw.http;
+        if http.cert_file.is_some() != http.key_file.is_some() {
+            return Err(ConfigError::whole(
+                path,
+                "http: cert_file and key_file go together",
+            ));
+        }
+        if http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::whole(
+                path,
+                format!(
+                    "http.listen {:?}: expected host:port, e.g. 127.0.0.1:8080",
+                    http.listen
+                ),
+            ));
+        }
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        for f in [&mut http.cert_file, &mut http.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
         if !calwatch_protocol::is_valid_id(&raw.client_id) {
             return Err(ConfigError::whole(
                 path,
@@ -331,7 +367,7 @@ impl GatewayConfig {
             registry: RegistryConfig {
                 path: registry_path,
             },
-            http: raw.http,
+            http,
             sinks,
             checks,
             hold_ms,

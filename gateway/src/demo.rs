@@ -133,7 +133,7 @@ pub async fn run(dir: &Path, shutdown: watch::Receiver<bool>) -> Result<(), Demo
     let printer = tokio::spawn(async move {
         loop {
             match alerts.recv().await {
-                Ok(e) => eprintln!("{}", alert_line(&e)),
+                Ok(e) => eprintln!("{}", alert_line(&e.event)),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     eprintln!("demo: {n} alert events not shown (too many at once)")
                 }

@@ -66,11 +66,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::alerts::AlertBook;
 use crate::checks::{self, liveness, CheckConfig, Verdict};
+pub use crate::command::Command;
 use crate::metrics::Metrics;
 use crate::registry::{Device, Registry};
 use crate::sink::line::LineBuffer;
 use crate::sink::Queues;
-use crate::store::{Commit, SavedDevice, StateStore, StoreError};
+use crate::store::{Commit, Committed, SavedDevice, StateStore, StoreError};
+use crate::LoggedAlert;
 
 /// A burst takes at most this many MQTT messages ...
 pub const BURST_MESSAGES: usize = 64;
@@ -112,6 +114,9 @@ impl Output {
     }
 }
 
+/// Recent readings of a watched device: (event time, values).
+pub(crate) type Recent = VecDeque<(i64, Vec<(Id, Value)>)>;
+
 /// A registered device with its check state: what one reading needs, behind one lookup.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -124,10 +129,12 @@ pub(crate) struct Slot {
     pub(crate) saved: SavedDevice,
     /// Changed since the last commit.
     pub(crate) dirty: bool,
+    /// Recent readings, kept only while the console watches the device.
+    pub(crate) recent: Option<Box<Recent>>,
 }
 
 impl Slot {
-    fn new(device: Arc<Device>, agent: u32, saved: SavedDevice) -> Box<Slot> {
+    pub(crate) fn new(device: Arc<Device>, agent: u32, saved: SavedDevice) -> Box<Slot> {
         let series = crate::sink::line::tag_set(&[
             ("device", device.id.as_str()),
             ("kind", device.kind.as_str()),
@@ -141,6 +148,7 @@ impl Slot {
             series,
             saved,
             dirty: false,
+            recent: None,
         })
     }
 }
@@ -173,6 +181,8 @@ pub struct Pipeline {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) agents: HashMap<Id, AgentInfo>,
     pub(crate) verdicts: Vec<Verdict>,
+    /// Devices the console watches, with when they were last asked for.
+    pub(crate) watched: VecDeque<(Id, Instant)>,
 }
 
 impl Pipeline {
@@ -239,6 +249,7 @@ impl Pipeline {
             metrics,
             agents,
             verdicts: Vec::new(),
+            watched: VecDeque::new(),
         }
     }
 
@@ -335,6 +346,7 @@ impl Pipeline {
                 series,
                 saved,
                 dirty,
+                recent,
                 ..
             } = &mut **slot;
             let device: &Device = device;
@@ -358,6 +370,12 @@ impl Pipeline {
                 &mut self.verdicts,
             );
             saved.readings += 1;
+            if let Some(ring) = recent {
+                if ring.len() >= crate::command::RECENT_READINGS {
+                    ring.pop_front();
+                }
+                ring.push_back((r.ts, r.values.clone()));
+            }
             if !*dirty {
                 *dirty = true;
                 self.dirty.push(r.device.clone());
@@ -492,7 +510,7 @@ impl Pipeline {
         published_up_to: Option<i64>,
         now_ms: i64,
         stop: &AtomicBool,
-    ) -> Result<i64, Stopped> {
+    ) -> Result<Committed, Stopped> {
         let mut seen = HashSet::new();
         let mut alerts = Vec::new();
         for ev in self.book.take_dirty().into_iter().rev() {
@@ -577,15 +595,16 @@ pub(crate) struct Core {
     pub(crate) pipeline: Pipeline,
     pub(crate) store: StateStore,
     pub(crate) queues: Arc<Queues>,
-    out: Output,
+    pub(crate) out: Output,
     /// Outbox seqs of published events, with when they were handed to the MQTT client.
     published: VecDeque<(i64, Instant)>,
 }
 
 /// The result of one burst or sweep made durable: its events and their last outbox seq.
-struct Durable {
-    events: Vec<AlertEvent>,
-    outbox: i64,
+#[derive(Default)]
+pub(crate) struct Durable {
+    pub(crate) events: Vec<AlertEvent>,
+    pub(crate) committed: Committed,
 }
 
 impl Core {
@@ -618,7 +637,7 @@ impl Core {
         self.make_durable(now, stop)
     }
 
-    fn make_durable(&mut self, now: i64, stop: &AtomicBool) -> Result<Durable, Stopped> {
+    pub(crate) fn make_durable(&mut self, now: i64, stop: &AtomicBool) -> Result<Durable, Stopped> {
         let started = Instant::now();
         if !self.out.lines.is_empty() {
             self.queues.append(self.out.lines.as_str(), stop)?;
@@ -632,17 +651,17 @@ impl Core {
             published_up_to = Some(seq);
             self.published.pop_front();
         }
-        let mut outbox = 0;
+        let mut committed = Committed::default();
         if self.pipeline.has_changes() || !events.is_empty() || published_up_to.is_some() {
-            outbox = self
-                .pipeline
-                .commit(&mut self.store, &events, published_up_to, now, stop)?;
+            committed =
+                self.pipeline
+                    .commit(&mut self.store, &events, published_up_to, now, stop)?;
         }
         self.pipeline
             .metrics
             .commit_latency
             .record(started.elapsed());
-        Ok(Durable { events, outbox })
+        Ok(Durable { events, committed })
     }
 }
 
@@ -651,7 +670,8 @@ pub(crate) struct IngestTask {
     pub(crate) mqtt: MqttConfig,
     pub(crate) client_id: String,
     pub(crate) core: Core,
-    pub(crate) alerts: broadcast::Sender<AlertEvent>,
+    pub(crate) alerts: broadcast::Sender<LoggedAlert>,
+    pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) sweep_interval: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -663,6 +683,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         client_id,
         core,
         alerts,
+        mut commands,
         sweep_interval,
         mut shutdown,
     } = task;
@@ -742,7 +763,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         );
         let last = leftover.last().map_or(0, |(seq, _)| *seq);
         let events: Vec<AlertEvent> = leftover.into_iter().map(|(_, e)| e).collect();
-        publish(&client, &alerts, &events).await;
+        publish(&client, &alerts, &events, &[]).await;
         if let Some(c) = core.as_mut() {
             c.published.push_back((last, Instant::now()));
         }
@@ -755,12 +776,15 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         enum Job {
             Burst(Vec<Publish>),
             Sweep,
+            Command(Option<Command>),
         }
         let job = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             // Before the messages, so a backlog cannot starve it (it is ready once a period).
             _ = sweep.tick() => Job::Sweep,
+            // Before the messages too: an API call waits at most one burst.
+            Some(cmd) = commands.recv() => Job::Command(Some(cmd)),
             p = rx.recv() => match p {
                 Some(first) => {
                     let mut bytes = first.payload.len();
@@ -781,10 +805,15 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         };
         let Some(mut c) = core.take() else { break };
         let stop_flag = stop.clone();
+        let mut job = job;
         let joined = tokio::task::spawn_blocking(move || {
-            let r = match &job {
+            let r = match &mut job {
                 Job::Burst(msgs) => c.burst(msgs, &stop_flag),
                 Job::Sweep => c.sweep(&stop_flag),
+                Job::Command(cmd) => match cmd.take() {
+                    Some(cmd) => c.command(cmd, &stop_flag),
+                    None => Err(Stopped),
+                },
             };
             (c, job, r)
         })
@@ -812,6 +841,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
                     c.pipeline.metrics.bursts.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            Job::Command(_) => {}
             Job::Sweep => {
                 if let Some(c) = core.as_ref() {
                     let m = &c.pipeline.metrics;
@@ -825,9 +855,16 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
             }
         }
         if !durable.events.is_empty() {
-            publish(&client, &alerts, &durable.events).await;
+            publish(
+                &client,
+                &alerts,
+                &durable.events,
+                &durable.committed.log_seqs,
+            )
+            .await;
             if let Some(c) = core.as_mut() {
-                c.published.push_back((durable.outbox, Instant::now()));
+                c.published
+                    .push_back((durable.committed.outbox, Instant::now()));
             }
         }
     }
@@ -849,10 +886,11 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
 /// Step 5: alert events to MQTT (QoS 1, not retained) and to in-process subscribers.
 async fn publish(
     client: &AsyncClient,
-    alerts: &broadcast::Sender<AlertEvent>,
+    alerts: &broadcast::Sender<LoggedAlert>,
     events: &[AlertEvent],
+    log_seqs: &[i64],
 ) {
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
         let topic = alert_topic(&e.owner, &e.device);
         if let Err(err) = client
             .publish(topic, QoS::AtLeastOnce, false, e.encode())
@@ -861,6 +899,9 @@ async fn publish(
             tracing::warn!(error = %err, id = %e.id, "alert event not published");
         }
         // No subscriber is not an error.
-        let _ = alerts.send(e.clone());
+        let _ = alerts.send(LoggedAlert {
+            seq: log_seqs.get(i).copied().unwrap_or(0),
+            event: e.clone(),
+        });
     }
 }

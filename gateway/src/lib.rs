@@ -7,11 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod api;
 pub mod audit;
 pub mod broker;
 pub mod checks;
 pub mod civil;
+pub mod command;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod ingest;
 pub mod metrics;
@@ -20,26 +23,30 @@ pub mod sink;
 pub mod store;
 pub mod sweep;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use calwatch_protocol::AlertEvent;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::alerts::AlertBook;
 use crate::config::GatewayConfig;
-use crate::ingest::{Core, IngestError, IngestTask, Pipeline};
+use crate::ingest::{Command, Core, IngestError, IngestTask, Pipeline};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::sink::{QueueError, Queues};
-use crate::store::{StateStore, StoreError};
+use crate::store::{AlertReader, StateStore, StoreError};
 
 /// How long a stopping gateway waits for its queues to be written.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Alert events buffered for slow in-process subscribers (they see `Lagged` beyond).
 const ALERT_BROADCAST: usize = 4096;
+
+/// API requests waiting for the ingest task.
+const COMMANDS: usize = 256;
 
 /// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +59,8 @@ pub enum GatewayError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Http(#[from] api::ServeError),
 }
 
 /// Unix epoch milliseconds of the wall clock.
@@ -62,10 +71,21 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An alert event as published, with its `alert_log` seq (the SSE event id; 0 for events
+/// republished from the outbox after a crash, which a reconnecting client replays from the log).
+#[derive(Clone, Debug)]
+pub struct LoggedAlert {
+    pub seq: i64,
+    pub event: AlertEvent,
+}
+
 /// A running gateway: its counters and its alert stream, for the HTTP API and the console.
 pub struct Gateway {
     metrics: Arc<Metrics>,
-    alerts: broadcast::Sender<AlertEvent>,
+    alerts: broadcast::Sender<LoggedAlert>,
+    commands: mpsc::Sender<Command>,
+    http: SocketAddr,
+    https: bool,
     task: JoinHandle<Result<(), GatewayError>>,
 }
 
@@ -98,7 +118,25 @@ impl Gateway {
         let pipeline = Pipeline::new(registry, saved, book, cfg.checks.clone(), metrics.clone());
         let core = Core::new(pipeline, store, queues.clone());
         let (alerts, _) = broadcast::channel(ALERT_BROADCAST);
+        let (commands, commands_rx) = mpsc::channel(COMMANDS);
 
+        let api_state = Arc::new(api::ApiState {
+            auth: api::auth::Authenticator::open(&cfg.registry.path)
+                .map_err(|e| GatewayError::Store(StoreError::Db(e)))?,
+            alerts: std::sync::Mutex::new(AlertReader::open(&cfg.registry.path)?),
+            registry_path: cfg.registry.path.clone(),
+            commands: commands.clone(),
+            stream: alerts.clone(),
+            metrics: metrics.clone(),
+            metrics_public: cfg.http.metrics_public,
+            shutdown: shutdown.clone(),
+        });
+        let server = api::serve(&cfg.http, api_state).await?;
+        tracing::info!(
+            addr = %server.addr,
+            https = server.https,
+            "HTTP API and console listening"
+        );
         let (stop_writers, writers_stop) = watch::channel(false);
         let writers = sink::start_writers(&cfg.sinks, &queues, writers_stop);
         let ingest = tokio::spawn(ingest::run(IngestTask {
@@ -106,9 +144,11 @@ impl Gateway {
             client_id: cfg.client_id.clone(),
             core,
             alerts: alerts.clone(),
+            commands: commands_rx,
             sweep_interval: cfg.sweep_interval,
             shutdown,
         }));
+        let (http, https) = (server.addr, server.https);
         let task = tokio::spawn(async move {
             let result = match ingest.await {
                 Ok(r) => r.map_err(GatewayError::from),
@@ -131,13 +171,29 @@ impl Gateway {
             for w in writers {
                 let _ = w.await;
             }
+            // Open SSE streams end with the shutdown signal; give them a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(2), server.task).await;
             result
         });
         Ok(Gateway {
             metrics,
             alerts,
+            commands,
+            http,
+            https,
             task,
         })
+    }
+
+    /// Where the HTTP API and console listen.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// The console's URL.
+    pub fn console_url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/", self.http)
     }
 
     /// The gateway's counters.
@@ -147,8 +203,14 @@ impl Gateway {
 
     /// Alert events as they are published (after they were made durable), for the SSE
     /// stream and the console.
-    pub fn subscribe_alerts(&self) -> broadcast::Receiver<AlertEvent> {
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<LoggedAlert> {
         self.alerts.subscribe()
+    }
+
+    /// The channel of requests to the ingest task (registry changes, views, acks): the
+    /// HTTP API's way in.
+    pub fn commands(&self) -> mpsc::Sender<Command> {
+        self.commands.clone()
     }
 
     /// Waits until the gateway stopped.

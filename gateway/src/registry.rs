@@ -450,22 +450,59 @@ impl Registry {
         text: &str,
         actor: &str,
     ) -> Result<usize, ImportError> {
+        let parsed = self.parse_devices(file, text)?;
+        self.write_devices(file, &parsed, actor)
+    }
+
+    /// Parses and validates `devices.csv` text against this registry (references must
+    /// exist); nothing is written. Each device comes with its line.
+    pub fn parse_devices(
+        &self,
+        file: &Path,
+        text: &str,
+    ) -> Result<Vec<(u64, Device)>, ImportError> {
         let rows = parse_csv(file, text, &DEVICE_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
-            parsed.push(parse_device(row).map_err(|reason| ImportError {
+            let d = parse_device(row).map_err(|reason| ImportError {
                 file: file.into(),
                 line: Some(*line),
                 reason,
-            })?);
+            })?;
+            parsed.push((*line, d));
         }
-        for (i, (d, (line, _))) in parsed.iter().zip(&rows).enumerate() {
+        self.validate_devices(file, &parsed)?;
+        Ok(parsed)
+    }
+
+    /// A device given as a JSON object with the columns of `devices.csv` (numbers or
+    /// strings), validated like a CSV row; `source` names it in errors.
+    pub fn parse_device_json(
+        &self,
+        source: &Path,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Device, ImportError> {
+        let err = |reason: String| ImportError::whole(source, reason);
+        let row = json_row(obj, &DEVICE_COLUMNS).map_err(err)?;
+        let d = parse_device(&row).map_err(err)?;
+        let parsed = vec![(1, d)];
+        self.validate_devices(source, &parsed)
+            .map_err(|e| ImportError::whole(source, e.reason))?;
+        parsed
+            .into_iter()
+            .map(|(_, d)| d)
+            .next()
+            .ok_or_else(|| err("empty".into()))
+    }
+
+    fn validate_devices(&self, file: &Path, parsed: &[(u64, Device)]) -> Result<(), ImportError> {
+        for (i, (line, d)) in parsed.iter().enumerate() {
             let err = |reason: String| ImportError {
                 file: file.into(),
                 line: Some(*line),
                 reason,
             };
-            if parsed[..i].iter().any(|o: &Device| o.id == d.id) {
+            if parsed[..i].iter().any(|(_, o)| o.id == d.id) {
                 return Err(err(format!("id: {} appears twice in this file", d.id)));
             }
             if let Some(r) = &d.reference_device {
@@ -474,15 +511,26 @@ impl Registry {
                         "reference_device: a device cannot be its own reference".into(),
                     ));
                 }
-                if !self.devices.contains_key(r.as_str()) && !parsed.iter().any(|o| &o.id == r) {
+                if !self.devices.contains_key(r.as_str()) && !parsed.iter().any(|(_, o)| &o.id == r)
+                {
                     return Err(err(format!("reference_device: unknown device {r}")));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Writes parsed devices (audited, one transaction) and reloads.
+    pub fn write_devices(
+        &mut self,
+        file: &Path,
+        parsed: &[(u64, Device)],
+        actor: &str,
+    ) -> Result<usize, ImportError> {
         let db_err = |e: rusqlite::Error| ImportError::whole(file, format!("registry: {e}"));
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
-        for d in &parsed {
+        for (_, d) in parsed {
             let old = self.devices.get(d.id.as_str()).map(|d| device_json(d));
             let new = device_json(d);
             audit_change(
@@ -522,6 +570,16 @@ impl Registry {
         text: &str,
         actor: &str,
     ) -> Result<usize, ImportError> {
+        let parsed = self.parse_verifications(file, text)?;
+        self.write_verifications(file, &parsed, actor)
+    }
+
+    /// Parses and validates `verifications.csv` text (devices must be registered).
+    pub fn parse_verifications(
+        &self,
+        file: &Path,
+        text: &str,
+    ) -> Result<Vec<(u64, Id, Certificate)>, ImportError> {
         let rows = parse_csv(file, text, &VERIFICATION_COLUMNS)?;
         let mut parsed = Vec::with_capacity(rows.len());
         for (line, row) in &rows {
@@ -536,12 +594,43 @@ impl Registry {
                     "device: unknown device {device} (import devices.csv first)"
                 )));
             }
-            parsed.push((device, cert));
+            parsed.push((*line, device, cert));
         }
+        Ok(parsed)
+    }
+
+    /// A certificate given as a JSON object with the columns of `verifications.csv` but
+    /// `device` (which comes from the path).
+    pub fn parse_certificate_json(
+        &self,
+        source: &Path,
+        device: &str,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Certificate, ImportError> {
+        let err = |reason: String| ImportError::whole(source, reason);
+        if obj.contains_key("device") {
+            return Err(err("device: given by the path, not the body".into()));
+        }
+        let mut row = json_row(obj, &VERIFICATION_COLUMNS[1..]).map_err(err)?;
+        row.insert("device", device.to_string());
+        let (id, cert) = parse_verification(&row).map_err(err)?;
+        if !self.devices.contains_key(id.as_str()) {
+            return Err(err(format!("device: unknown device {id}")));
+        }
+        Ok(cert)
+    }
+
+    /// Writes parsed certificates (audited, one transaction) and reloads.
+    pub fn write_verifications(
+        &mut self,
+        file: &Path,
+        parsed: &[(u64, Id, Certificate)],
+        actor: &str,
+    ) -> Result<usize, ImportError> {
         let db_err = |e: rusqlite::Error| ImportError::whole(file, format!("registry: {e}"));
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
-        for (device, c) in &parsed {
+        for (_, device, c) in parsed {
             let old = self
                 .devices
                 .get(device.as_str())
@@ -581,6 +670,49 @@ impl Registry {
         Ok(parsed.len())
     }
 
+    /// Records a refused change in the audit log (who tried what, and why it was refused).
+    pub fn audit_denied(
+        &mut self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        attempted: &str,
+        why: &str,
+    ) -> Result<(), RegistryError> {
+        let db = |source| RegistryError::Db {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        crate::audit::append(
+            &tx,
+            &crate::audit::AuditEntry {
+                ts: now_ms(),
+                actor: actor.into(),
+                action: format!("denied.{action}"),
+                subject: subject.into(),
+                old: "null".into(),
+                new: attempted.into(),
+                why: why.into(),
+            },
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// The audit entries, newest first (for tests and operators).
+    pub fn audit_tail(&self, limit: usize) -> Result<Vec<crate::audit::AuditEntry>, RegistryError> {
+        crate::audit::tail(&self.conn, limit).map_err(|source| RegistryError::Db {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+
+    /// The registry's connection, for the token table (same file, same audit chain).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Checks the audit chain; returns its length.
     pub fn verify_audit(&self) -> Result<u64, crate::audit::AuditError> {
         crate::audit::verify(&self.conn)
@@ -604,6 +736,34 @@ impl Registry {
 }
 
 type Row = HashMap<&'static str, String>;
+
+/// A JSON object as a row of `columns`: strings as given, numbers in their shortest form,
+/// null or absent as empty; any other key is an error naming it.
+fn json_row(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    columns: &[&'static str],
+) -> Result<Row, String> {
+    let mut row = Row::new();
+    for (key, value) in obj {
+        let Some(col) = columns.iter().find(|c| **c == key.as_str()) else {
+            return Err(format!(
+                "{key}: unknown field (expected one of {})",
+                columns.join(", ")
+            ));
+        };
+        let text = match value {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            other => return Err(format!("{key}: expected a string or a number, got {other}")),
+        };
+        row.insert(col, text);
+    }
+    for col in columns {
+        row.entry(col).or_default();
+    }
+    Ok(row)
+}
 
 /// Reads CSV text with a header naming exactly `columns` (any order), returning each
 /// row keyed by column with its 1-based line number.

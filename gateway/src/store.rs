@@ -36,7 +36,14 @@ CREATE TABLE IF NOT EXISTS alert (
 CREATE INDEX IF NOT EXISTS alert_open ON alert(state) WHERE state != 'resolved';
 CREATE INDEX IF NOT EXISTS alert_seq ON alert(seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, event TEXT NOT NULL
+);
 ";
+
+/// Alert transitions kept in `alert_log` for `Last-Event-ID` replays of the SSE stream; a
+/// client further behind than this is told to resync (re-read `/api/alerts`).
+pub const ALERT_LOG_KEEP: i64 = 100_000;
 
 /// Per-device state as persisted.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -168,10 +175,11 @@ impl StateStore {
     }
 
     /// Writes one commit atomically; returns the outbox seq of its last transition (0 when it
-    /// has none).
-    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<i64, StoreError> {
+    /// has none) and the `alert_log` seq of each transition.
+    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<Committed, StoreError> {
         let tx = self.conn.transaction()?;
         let mut last_outbox = 0;
+        let mut log_seqs = Vec::with_capacity(c.transitions.len());
         {
             let mut put_state = tx.prepare_cached(
                 "INSERT INTO device_state (device, state, gaps, readings) VALUES (?1, ?2, ?3, ?4)
@@ -215,9 +223,22 @@ impl StateStore {
         }
         {
             let mut put_outbox = tx.prepare_cached("INSERT INTO outbox (event) VALUES (?1)")?;
+            let mut put_log =
+                tx.prepare_cached("INSERT INTO alert_log (owner, event) VALUES (?1, ?2)")?;
             for t in &c.transitions {
-                put_outbox.execute(params![String::from_utf8_lossy(&t.encode())])?;
+                let text = String::from_utf8_lossy(&t.encode()).into_owned();
+                put_outbox.execute(params![text])?;
                 last_outbox = tx.last_insert_rowid();
+                put_log.execute(params![t.owner.as_str(), text])?;
+                log_seqs.push(tx.last_insert_rowid());
+            }
+            if let Some(&last) = log_seqs.last() {
+                if last % 1000 == 0 {
+                    tx.execute(
+                        "DELETE FROM alert_log WHERE seq <= ?1",
+                        params![last - ALERT_LOG_KEEP],
+                    )?;
+                }
             }
         }
         for t in &c.transitions {
@@ -239,17 +260,46 @@ impl StateStore {
             )?;
         }
         tx.commit()?;
-        Ok(last_outbox)
+        Ok(Committed {
+            outbox: last_outbox,
+            log_seqs,
+        })
+    }
+}
+
+/// What [`StateStore::commit`] wrote.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Outbox seq of the last transition (0 without any).
+    pub outbox: i64,
+    /// `alert_log` seq of each transition, in order: the SSE event ids.
+    pub log_seqs: Vec<i64>,
+}
+
+/// Read-only access to the alerts for the HTTP API (its own connection: reads never wait for
+/// ingest, WAL lets them run beside its commits).
+pub struct AlertReader {
+    conn: Connection,
+}
+
+impl AlertReader {
+    pub fn open(path: &Path) -> Result<AlertReader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.execute_batch("PRAGMA busy_timeout=5000;")?;
+        Ok(AlertReader { conn })
     }
 
-    /// Alerts, newest first, filtered; for the API.
+    /// Alerts, newest first, filtered, with the number matching.
     pub fn alerts(
         &self,
         filter: &AlertFilter,
         limit: usize,
         offset: usize,
-    ) -> Result<Vec<AlertEvent>, StoreError> {
-        let mut sql = String::from("SELECT event FROM alert WHERE 1=1");
+    ) -> Result<(Vec<AlertEvent>, u64), StoreError> {
+        let mut cond = String::from(" WHERE 1=1");
         let mut args: Vec<String> = Vec::new();
         for (col, v) in [
             ("state", &filter.state),
@@ -259,25 +309,78 @@ impl StateStore {
         ] {
             if let Some(v) = v {
                 args.push(v.clone());
-                sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+                cond.push_str(&format!(" AND {col} = ?{}", args.len()));
             }
         }
-        if let Some(after) = filter.after_seq {
-            sql.push_str(&format!(" AND seq > {after}"));
-        }
-        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {limit} OFFSET {offset}"));
+        let total: i64 = self.conn.query_row(
+            &format!("SELECT COUNT(*) FROM alert{cond}"),
+            rusqlite::params_from_iter(args.iter()),
+            |r| r.get(0),
+        )?;
+        let sql = format!(
+            "SELECT event FROM alert{cond} ORDER BY seq DESC LIMIT {limit} OFFSET {offset}"
+        );
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
             r.get::<_, String>(0)
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let text = row?;
-            if let Ok(e) = AlertEvent::decode(text.as_bytes()) {
+            if let Ok(e) = AlertEvent::decode(row?.as_bytes()) {
                 out.push(e);
             }
         }
-        Ok(out)
+        Ok((out, u64::try_from(total).unwrap_or(0)))
+    }
+
+    /// One alert by id.
+    pub fn alert(&self, id: &str) -> Result<Option<AlertEvent>, StoreError> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT event FROM alert WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        Ok(text.and_then(|t| AlertEvent::decode(t.as_bytes()).ok()))
+    }
+
+    /// Logged transitions after `after` (of `owner` only, when given), oldest first, at most
+    /// `limit`; `None` when `after` is older than what the log keeps (the client must resync).
+    pub fn log_after(
+        &self,
+        after: i64,
+        owner: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<(i64, AlertEvent)>>, StoreError> {
+        let oldest: Option<i64> =
+            self.conn
+                .query_row("SELECT MIN(seq) FROM alert_log", [], |r| r.get(0))?;
+        if let Some(oldest) = oldest {
+            if after + 1 < oldest {
+                return Ok(None);
+            }
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, event FROM alert_log WHERE seq > ?1 AND (?2 IS NULL OR owner = ?2) ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after, owner, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, text) = row?;
+            if let Ok(e) = AlertEvent::decode(text.as_bytes()) {
+                out.push((seq, e));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The newest logged seq (0 when none).
+    pub fn last_log_seq(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM alert_log", [], |r| {
+                r.get(0)
+            })?)
     }
 }
 
@@ -288,5 +391,4 @@ pub struct AlertFilter {
     pub kind: Option<String>,
     pub owner: Option<String>,
     pub device: Option<String>,
-    pub after_seq: Option<u64>,
 }

@@ -195,7 +195,10 @@ pub fn run_to_end_within(bin: &Path, args: &[&str], limit: Duration) -> (i32, St
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (mut out, mut err) = (
+        child.stdout.take().expect("stdout piped"),
+        child.stderr.take().expect("stderr piped"),
+    );
     let out = std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = out.read_to_end(&mut s);

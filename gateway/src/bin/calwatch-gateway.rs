@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use calwatch_agent::process::{init_tracing, shutdown_signal};
+use calwatch_gateway::api::auth::{self, Role};
 use calwatch_gateway::config::GatewayConfig;
 use calwatch_gateway::registry::Registry;
-use calwatch_gateway::store::{AlertFilter, StateStore};
+use calwatch_gateway::store::{AlertFilter, AlertReader, StateStore};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
@@ -45,6 +46,31 @@ enum Command {
     State {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Make an API token (printed once; only its hash is stored), or revoke one.
+    Token {
+        #[arg(long)]
+        config: PathBuf,
+        /// owner, verifier, supervisor or admin.
+        #[arg(long, required_unless_present = "revoke")]
+        role: Option<String>,
+        /// The owner id an owner token is confined to.
+        #[arg(long)]
+        owner: Option<String>,
+        /// A name for the token (the actor in the audit log; a verifier's name on its
+        /// certificates).
+        #[arg(long, required_unless_present = "revoke")]
+        name: Option<String>,
+        /// Revoke the token with this name instead.
+        #[arg(long, conflicts_with_all = ["role", "owner", "name"])]
+        revoke: Option<String>,
+    },
+    /// Print the newest audit-log entries, one JSON object a line, newest first.
+    Audit {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
     /// Check the audit log's hash chain.
     Verify {
@@ -140,6 +166,93 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Token {
+            config,
+            role,
+            owner,
+            name,
+            revoke,
+        } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            let mut reg = match Registry::open(&cfg.registry.path) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("calwatch-gateway: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let actor = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+            );
+            if let Some(name) = revoke {
+                return match auth::revoke(&mut reg, &name, &actor) {
+                    Ok(true) => {
+                        println!("token {name:?} revoked");
+                        ExitCode::SUCCESS
+                    }
+                    Ok(false) => {
+                        eprintln!("calwatch-gateway token: no active token named {name:?}");
+                        ExitCode::from(CONFIG_ERROR)
+                    }
+                    Err(e) => {
+                        eprintln!("calwatch-gateway token: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            let role_s = role.unwrap_or_default();
+            let Some(role) = Role::parse(&role_s) else {
+                eprintln!("calwatch-gateway token: --role {role_s:?}: owner, verifier, supervisor or admin");
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            match auth::create(
+                &mut reg,
+                &name.unwrap_or_default(),
+                role,
+                owner.as_deref(),
+                &actor,
+            ) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(auth::TokenError::Invalid(why)) => {
+                    eprintln!("calwatch-gateway token: {why}");
+                    ExitCode::from(CONFIG_ERROR)
+                }
+                Err(e) => {
+                    eprintln!("calwatch-gateway token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Audit { config, limit } => {
+            let Ok(cfg) = load(&config) else {
+                return ExitCode::from(CONFIG_ERROR);
+            };
+            let entries = Registry::open(&cfg.registry.path)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.audit_tail(limit).map_err(|e| e.to_string()));
+            match entries {
+                Ok(entries) => {
+                    for e in entries {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ts": e.ts, "actor": e.actor, "action": e.action,
+                                "subject": e.subject, "old": e.old, "new": e.new, "why": e.why})
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("calwatch-gateway audit: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Verify { config } => {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(CONFIG_ERROR);
@@ -224,7 +337,9 @@ fn dump_state(cfg: &GatewayConfig) -> Result<(), String> {
         });
         writeln!(out, "{line}").map_err(|e| e.to_string())?;
     }
-    let mut alerts = store
+    drop(store);
+    let reader = AlertReader::open(&cfg.registry.path).map_err(|e| e.to_string())?;
+    let (mut alerts, _) = reader
         .alerts(&AlertFilter::default(), usize::MAX >> 1, 0)
         .map_err(|e| e.to_string())?;
     alerts.reverse();

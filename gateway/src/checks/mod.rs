@@ -482,6 +482,19 @@ pub fn sweep(
     }
 }
 
+/// The verification window of `device` judged at `now_ms` (after its certificates changed):
+/// `in_use` as for a reading.
+pub fn judge_window(
+    device: &Device,
+    state: &mut DeviceState,
+    now_ms: i64,
+    in_use: bool,
+    cfg: &CheckConfig,
+    out: &mut Vec<Verdict>,
+) {
+    window::judge(device, &mut state.present, now_ms, in_use, cfg, out);
+}
+
 /// Drift statistics for the `device_status` measurement: those of the source furthest from its
 /// in-control mean (|EWMA − mean|, in r) among sources past warm-up, ties in the order span,
 /// reference, encoder, physics, zero; before any warm-up ends, the source with most

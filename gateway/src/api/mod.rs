@@ -1,0 +1,939 @@
+//! The HTTP API of CONTRACT §3, `/metrics`, `/healthz` and the console, with axum.
+//!
+//! Every `/api` call needs `Authorization: Bearer <token>` ([`auth`]); what each role may do
+//! is in [`allowed`], one table for every route, which the authorization matrix test walks.
+//! An owner is scoped to its owner id everywhere: a device, alert or coverage row of another
+//! owner answers 403 exactly as one that does not exist, so nothing leaks. Refused changes
+//! are written to the audit log. Bodies are parsed by hand so every error is JSON
+//! (`{"error": .., "detail": ..}`) with a 4xx status, never a panic.
+
+pub mod auth;
+pub mod sse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use calwatch_protocol::{AlertKind, AlertState, Id};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::command::{Command, CoverageBy, DeviceQuery, Input, Refusal};
+use crate::metrics::Metrics;
+use crate::store::{AlertFilter, AlertReader};
+use crate::LoggedAlert;
+use auth::{Authenticator, Principal, Role};
+
+/// Largest JSON body accepted.
+pub const JSON_LIMIT: usize = 64 << 10;
+/// Largest CSV import accepted through the API (the CLI has no limit).
+pub const CSV_LIMIT: usize = 32 << 20;
+/// Default and largest page of a list.
+pub const PAGE_DEFAULT: usize = 100;
+pub const PAGE_MAX: usize = 1000;
+
+/// What a route needs, checked before its handler runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    ReadDevices,
+    RegisterDevice,
+    RecordCertificate,
+    ReadAlerts,
+    AckAlert,
+    StreamAlerts,
+    ReadCoverage,
+    ImportDevices,
+    ImportVerifications,
+    Metrics,
+    Me,
+}
+
+/// The permission table (CONTRACT §3; admin reads everything and registers devices, but
+/// never records certificates or acknowledges alerts; `/metrics` is for the bureau's roles,
+/// not owners).
+pub fn allowed(role: Role, action: Action) -> bool {
+    use Action::*;
+    use Role::*;
+    match action {
+        ReadDevices => true,
+        RegisterDevice | ImportDevices => matches!(role, Owner | Admin),
+        RecordCertificate | ImportVerifications => role == Verifier,
+        ReadAlerts | StreamAlerts | ReadCoverage => matches!(role, Owner | Supervisor | Admin),
+        AckAlert => role == Supervisor,
+        Metrics => matches!(role, Verifier | Supervisor | Admin),
+        Me => true,
+    }
+}
+
+/// An error answer: `{"error": .., "detail": ..}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+    fn bad_request(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad request", detail)
+    }
+    fn forbidden(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+    fn unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the gateway is stopping",
+        )
+    }
+    fn internal(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(serde_json::json!({"error": self.error, "detail": self.detail})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub auth: Authenticator,
+    pub alerts: std::sync::Mutex<AlertReader>,
+    pub registry_path: std::path::PathBuf,
+    pub commands: mpsc::Sender<Command>,
+    pub stream: broadcast::Sender<LoggedAlert>,
+    pub metrics: Arc<Metrics>,
+    pub metrics_public: bool,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type Shared = State<Arc<ApiState>>;
+
+/// The router: API, metrics, health, console.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/me", get(me))
+        .route("/api/devices", get(list_devices).post(register_device))
+        .route("/api/devices/:id", get(get_device))
+        .route("/api/devices/:id/readings", get(device_readings))
+        .route("/api/devices/:id/verifications", post(record_certificate))
+        .route("/api/alerts", get(list_alerts))
+        .route("/api/alerts/stream", get(sse::stream))
+        .route("/api/alerts/:id/ack", post(ack_alert))
+        .route("/api/coverage", get(coverage))
+        .route(
+            "/api/import/devices",
+            post(import_devices).layer(DefaultBodyLimit::max(CSV_LIMIT)),
+        )
+        .route(
+            "/api/import/verifications",
+            post(import_verifications).layer(DefaultBodyLimit::max(CSV_LIMIT)),
+        )
+        .merge(crate::console::routes())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(JSON_LIMIT))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not found", "no such route")
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// The caller, if its bearer token is good.
+fn principal(st: &ApiState, headers: &HeaderMap) -> ApiResult<Principal> {
+    let unauthorized = |d: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| unauthorized("malformed Authorization header"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required"))?;
+    st.auth
+        .check(token.trim())
+        .ok_or_else(|| unauthorized("unknown, revoked or malformed token"))
+}
+
+/// The caller, allowed to do `action`.
+fn authorize(st: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult<Principal> {
+    let p = principal(st, headers)?;
+    if allowed(p.role, action) {
+        Ok(p)
+    } else {
+        Err(ApiError::forbidden(format!(
+            "a {} token may not do this",
+            p.role.as_str()
+        )))
+    }
+}
+
+/// Sends `make(reply)` to the ingest task and waits for the answer.
+async fn ask<T>(st: &ApiState, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> ApiResult<T> {
+    let (tx, rx) = oneshot::channel();
+    st.commands
+        .send(make(tx))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+/// Records a refused change in the audit log, then answers 403.
+async fn deny(
+    st: &ApiState,
+    p: &Principal,
+    action: &str,
+    subject: &str,
+    attempted: &str,
+    why: String,
+) -> ApiError {
+    let _ = ask(st, |reply| Command::Denied {
+        actor: p.actor(),
+        action: action.into(),
+        subject: subject.into(),
+        attempted: attempted.into(),
+        why: why.clone(),
+        reply,
+    })
+    .await;
+    tracing::warn!(actor = %p.actor(), action, subject, %why, "change refused");
+    ApiError::forbidden(why)
+}
+
+fn parse_id(s: &str, what: &str) -> ApiResult<Id> {
+    Id::new(s.to_string()).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+fn json_object(body: &[u8]) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))?;
+    match v {
+        serde_json::Value::Object(m) => Ok(m),
+        other => Err(ApiError::bad_request(format!(
+            "body: expected a JSON object, got {}",
+            match other {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a bool",
+                _ => "null",
+            }
+        ))),
+    }
+}
+
+fn csv_text(headers: &HeaderMap, body: &Bytes) -> ApiResult<String> {
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let ct = ct.to_ascii_lowercase();
+        if !(ct.starts_with("text/csv")
+            || ct.starts_with("text/plain")
+            || ct.starts_with("application/octet-stream"))
+        {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                format!("expected text/csv, got {ct}"),
+            ));
+        }
+    }
+    String::from_utf8(body.to_vec())
+        .map_err(|e| ApiError::bad_request(format!("body: not UTF-8: {e}")))
+}
+
+fn refusal(r: Refusal) -> ApiError {
+    match r {
+        Refusal::Invalid(e) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+        }
+        Refusal::Forbidden(why) => ApiError::forbidden(why),
+        Refusal::Failed(why) => ApiError::internal(why),
+    }
+}
+
+fn page(limit: Option<usize>, offset: Option<usize>) -> ApiResult<(usize, usize)> {
+    let limit = limit.unwrap_or(PAGE_DEFAULT);
+    if limit == 0 || limit > PAGE_MAX {
+        return Err(ApiError::bad_request(format!("limit: 1 to {PAGE_MAX}")));
+    }
+    Ok((limit, offset.unwrap_or(0)))
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<T> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))
+}
+
+async fn metrics(
+    State(st): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let local = peer.ip().is_loopback();
+    if !(st.metrics_public || (local && !headers.contains_key(header::AUTHORIZATION))) {
+        authorize(&st, &headers, Action::Metrics)?;
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response())
+}
+
+async fn me(State(st): Shared, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    let p = authorize(&st, &headers, Action::Me)?;
+    Ok(Json(serde_json::json!({
+        "name": p.name, "role": p.role.as_str(), "owner": p.owner.as_ref().map(Id::as_str),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    owner: Option<String>,
+    site: Option<String>,
+    kind: Option<String>,
+    vstate: Option<String>,
+    agent: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn list_devices(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::ReadDevices)?;
+    let q = query(q)?;
+    let (limit, offset) = page(q.limit, q.offset)?;
+    let owner = match (p.scope(), q.owner) {
+        (Some(own), Some(asked)) if own.as_str() != asked => {
+            return Err(ApiError::forbidden("owner: not yours"))
+        }
+        (Some(own), _) => Some(own.clone()),
+        (None, Some(asked)) => Some(parse_id(&asked, "owner")?),
+        (None, None) => None,
+    };
+    let query = DeviceQuery {
+        owner,
+        site: q.site,
+        kind: q.kind,
+        vstate: q.vstate,
+        agent: q.agent,
+        limit,
+        offset,
+    };
+    let page = ask(&st, |reply| Command::Devices { query, reply }).await?;
+    Ok(Json(page).into_response())
+}
+
+/// Answer for a device the caller may not see or that does not exist: the same 403 for an
+/// owner either way (no probing of other owners' ids), 404 for the bureau's roles.
+fn no_device(p: &Principal, id: &str) -> ApiError {
+    match p.role {
+        Role::Owner => ApiError::forbidden(format!("device {id}: not among yours")),
+        _ => ApiError::new(StatusCode::NOT_FOUND, "not found", format!("device {id}")),
+    }
+}
+
+async fn get_device(
+    State(st): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::ReadDevices)?;
+    let id = parse_id(&id, "device id")?;
+    let view = ask(&st, |reply| Command::Device {
+        id: id.to_string(),
+        reply,
+    })
+    .await?;
+    match view {
+        Some(v) if p.sees(&v.owner) => Ok(Json(v).into_response()),
+        _ => Err(no_device(&p, id.as_str())),
+    }
+}
+
+async fn device_readings(
+    State(st): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::ReadDevices)?;
+    let id = parse_id(&id, "device id")?;
+    // Ownership first: watching costs memory, an owner may not start it for another's device.
+    let view = ask(&st, |reply| Command::Device {
+        id: id.to_string(),
+        reply,
+    })
+    .await?;
+    if !view.as_ref().is_some_and(|v| p.sees(&v.owner)) {
+        return Err(no_device(&p, id.as_str()));
+    }
+    let recent = ask(&st, |reply| Command::Readings {
+        id: id.to_string(),
+        reply,
+    })
+    .await?;
+    recent
+        .map(|r| Json(r).into_response())
+        .ok_or_else(|| no_device(&p, id.as_str()))
+}
+
+async fn register_device(
+    State(st): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p = principal(&st, &headers)?;
+    if !allowed(p.role, Action::RegisterDevice) {
+        let why = format!("a {} token may not register devices", p.role.as_str());
+        return Err(deny(
+            &st,
+            &p,
+            "device.register",
+            "-",
+            &String::from_utf8_lossy(&body),
+            why,
+        )
+        .await);
+    }
+    let object = json_object(&body)?;
+    let subject = object
+        .get("id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("-")
+        .to_string();
+    let actor = p.actor();
+    let scope = p.scope().cloned();
+    let result = ask(&st, |reply| Command::Register {
+        input: Input::Json {
+            device: None,
+            object,
+        },
+        scope,
+        actor,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(ids) => {
+            let id = ids
+                .into_iter()
+                .next()
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            let view = ask(&st, |reply| Command::Device { id, reply }).await?;
+            Ok((StatusCode::CREATED, Json(view)).into_response())
+        }
+        Err(Refusal::Forbidden(why)) => Err(deny(
+            &st,
+            &p,
+            "device.register",
+            &subject,
+            &String::from_utf8_lossy(&body),
+            why,
+        )
+        .await),
+        Err(r) => Err(refusal(r)),
+    }
+}
+
+async fn record_certificate(
+    State(st): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p = principal(&st, &headers)?;
+    if !allowed(p.role, Action::RecordCertificate) {
+        let why = format!(
+            "a {} token may not record certificates; only verifiers do",
+            p.role.as_str()
+        );
+        return Err(deny(
+            &st,
+            &p,
+            "certificate.record",
+            &id,
+            &String::from_utf8_lossy(&body),
+            why,
+        )
+        .await);
+    }
+    let id = parse_id(&id, "device id")?;
+    let object = json_object(&body)?;
+    let (verifier, actor) = (p.name.clone(), p.actor());
+    let result = ask(&st, |reply| Command::Record {
+        input: Input::Json {
+            device: Some(id.to_string()),
+            object,
+        },
+        verifier,
+        actor,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(_) => {
+            let view = ask(&st, |reply| Command::Device {
+                id: id.to_string(),
+                reply,
+            })
+            .await?;
+            Ok((StatusCode::CREATED, Json(view)).into_response())
+        }
+        Err(r) => Err(refusal(r)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    /// File name used in errors (default `devices.csv` / `verifications.csv`).
+    name: Option<String>,
+}
+
+fn import_name(q: Option<String>, default: &str) -> ApiResult<String> {
+    match q {
+        None => Ok(default.into()),
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 128
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) =>
+        {
+            Ok(n)
+        }
+        Some(_) => Err(ApiError::bad_request("name: [A-Za-z0-9._-]{1,128}")),
+    }
+}
+
+async fn import_devices(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p = principal(&st, &headers)?;
+    if !allowed(p.role, Action::ImportDevices) {
+        let why = format!("a {} token may not import devices", p.role.as_str());
+        return Err(deny(
+            &st,
+            &p,
+            "device.import",
+            "devices.csv",
+            &format!("{} bytes", body.len()),
+            why,
+        )
+        .await);
+    }
+    let file = import_name(query(q)?.name, "devices.csv")?;
+    let text = csv_text(&headers, &body)?;
+    let (actor, scope) = (p.actor(), p.scope().cloned());
+    let result = ask(&st, |reply| Command::Register {
+        input: Input::Csv {
+            file: file.clone(),
+            text,
+        },
+        scope,
+        actor,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(ids) => {
+            Ok(Json(serde_json::json!({"imported": ids.len(), "file": file})).into_response())
+        }
+        Err(Refusal::Forbidden(why)) => Err(deny(
+            &st,
+            &p,
+            "device.import",
+            &file,
+            &format!("{} bytes", body.len()),
+            why,
+        )
+        .await),
+        Err(r) => Err(refusal(r)),
+    }
+}
+
+async fn import_verifications(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p = principal(&st, &headers)?;
+    if !allowed(p.role, Action::ImportVerifications) {
+        let why = format!(
+            "a {} token may not record certificates; only verifiers do",
+            p.role.as_str()
+        );
+        return Err(deny(
+            &st,
+            &p,
+            "certificate.import",
+            "verifications.csv",
+            &format!("{} bytes", body.len()),
+            why,
+        )
+        .await);
+    }
+    let file = import_name(query(q)?.name, "verifications.csv")?;
+    let text = csv_text(&headers, &body)?;
+    let (verifier, actor) = (p.name.clone(), p.actor());
+    let result = ask(&st, |reply| Command::Record {
+        input: Input::Csv {
+            file: file.clone(),
+            text,
+        },
+        verifier,
+        actor,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(ids) => {
+            Ok(Json(serde_json::json!({"imported": ids.len(), "file": file})).into_response())
+        }
+        Err(r) => Err(refusal(r)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    state: Option<String>,
+    kind: Option<String>,
+    owner: Option<String>,
+    device: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn list_alerts(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::ReadAlerts)?;
+    let q = query(q)?;
+    let (limit, offset) = page(q.limit, q.offset)?;
+    if let Some(s) = &q.state {
+        if !["active", "acknowledged", "resolved"].contains(&s.as_str()) {
+            return Err(ApiError::bad_request(
+                "state: active, acknowledged or resolved",
+            ));
+        }
+    }
+    if let Some(k) = &q.kind {
+        if !AlertKind::ALL.iter().any(|x| x.as_str() == k) {
+            return Err(ApiError::bad_request(format!(
+                "kind: unknown alert kind {k:?}"
+            )));
+        }
+    }
+    let owner = match (p.scope(), q.owner) {
+        (Some(own), Some(asked)) if own.as_str() != asked => {
+            return Err(ApiError::forbidden("owner: not yours"))
+        }
+        (Some(own), _) => Some(own.to_string()),
+        (None, Some(asked)) => Some(parse_id(&asked, "owner")?.to_string()),
+        (None, None) => None,
+    };
+    if let Some(d) = &q.device {
+        parse_id(d, "device")?;
+    }
+    let filter = AlertFilter {
+        state: q.state,
+        kind: q.kind,
+        owner,
+        device: q.device,
+    };
+    let st2 = st.clone();
+    let (items, total) = tokio::task::spawn_blocking(move || {
+        st2.alerts
+            .lock()
+            .map_err(|_| ApiError::internal("alert reader poisoned"))?
+            .alerts(&filter, limit, offset)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let items: Vec<serde_json::Value> = items
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.encode()).ok())
+        .collect();
+    Ok(
+        Json(serde_json::json!({"items": items, "total": total, "limit": limit, "offset": offset}))
+            .into_response(),
+    )
+}
+
+async fn ack_alert(
+    State(st): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let p = principal(&st, &headers)?;
+    if !allowed(p.role, Action::AckAlert) {
+        let why = format!("a {} token may not acknowledge alerts", p.role.as_str());
+        return Err(deny(&st, &p, "alert.ack", &id, "null", why).await);
+    }
+    if id.len() > 64 || !id.starts_with("a-") {
+        return Err(ApiError::bad_request("alert id: a-NNNNNN"));
+    }
+    let actor = p.name.clone();
+    let result = ask(&st, |reply| Command::Ack {
+        id: id.clone(),
+        actor,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(e) => Ok(Json(
+            serde_json::from_slice::<serde_json::Value>(&e.encode()).unwrap_or_default(),
+        )
+        .into_response()),
+        Err(e) => {
+            // Resolved already, or no such alert.
+            let known = st
+                .alerts
+                .lock()
+                .ok()
+                .and_then(|r| r.alert(&id).ok().flatten());
+            match known {
+                Some(a) if a.state == AlertState::Resolved => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("alert {id} is resolved"),
+                )),
+                _ => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not found",
+                    e.to_string(),
+                )),
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoverageQuery {
+    by: Option<String>,
+}
+
+async fn coverage(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<CoverageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::ReadCoverage)?;
+    let q = query(q)?;
+    let by_s = q.by.unwrap_or_else(|| "owner".into());
+    let by =
+        CoverageBy::parse(&by_s).ok_or_else(|| ApiError::bad_request("by: owner, site or kind"))?;
+    let owner = p.scope().cloned();
+    let rows = ask(&st, |reply| Command::Coverage { by, owner, reply }).await?;
+    Ok(Json(serde_json::json!({"by": by_s, "items": rows})).into_response())
+}
+
+/// Why the HTTP server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("http: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("http: {0}")]
+    Tls(String),
+    #[error("http: {0}")]
+    Setup(String),
+}
+
+/// A running HTTP server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub https: bool,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the API on `cfg.listen` (HTTPS when a certificate is configured).
+pub async fn serve(
+    cfg: &crate::config::HttpConfig,
+    state: Arc<ApiState>,
+) -> Result<Server, ServeError> {
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut shutdown = state.shutdown.clone();
+    let app = router(state);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = tls_config(cert, key)?;
+            let task = tokio::spawn(serve_tls(listener, tls, app, shutdown));
+            Ok(Server {
+                addr,
+                https: true,
+                task,
+            })
+        }
+        _ => {
+            let task = tokio::spawn(async move {
+                let service = app.into_make_service_with_connect_info::<SocketAddr>();
+                let stop = async move {
+                    while !*shutdown.borrow() {
+                        if shutdown.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                if let Err(e) = axum::serve(listener, service)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(error = %e, "http server stopped");
+                }
+            });
+            Ok(Server {
+                addr,
+                https: false,
+                task,
+            })
+        }
+    }
+}
+
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| ServeError::Tls(format!("cert_file {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServeError::Tls(format!(
+            "cert_file {}: no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServeError::Tls(format!("key_file {}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(format!("certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower_service::Service;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { break } else { continue }
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let mut app = app.clone();
+                    async move { app.call(req.map(axum::body::Body::new)).await }
+                },
+            );
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "https connection ended");
+            }
+        });
+    }
+}

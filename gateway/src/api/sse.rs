@@ -1,0 +1,186 @@
+//! `GET /api/alerts/stream`: alert events as Server-Sent Events.
+//!
+//! Each event is `event: alert`, `id: <alert_log seq>`, `data: <alert event JSON>` (CONTRACT
+//! §1). A reconnecting client sends `Last-Event-ID` and first gets what it missed, from the
+//! persisted log; then live events, with no duplicate across the seam. A client that cannot
+//! keep up (its buffer full while the gateway's broadcast moves on) gets an `event: resync`
+//! saying how many it missed, so it re-reads `/api/alerts` rather than trusting a stream
+//! with a hole; so does one whose `Last-Event-ID` is older than the log keeps. Comments every
+//! 15 s keep proxies from closing an idle stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{authorize, parse_id, query, Action, ApiError, ApiResult, ApiState, Shared};
+
+/// Events buffered per client before it counts as lagging.
+pub const CLIENT_BUFFER: usize = 256;
+/// Most events replayed after a reconnect; beyond, the client is told to resync.
+pub const REPLAY_MAX: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamQuery {
+    owner: Option<String>,
+}
+
+pub(super) async fn stream(
+    State(st): Shared,
+    headers: HeaderMap,
+    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let p = authorize(&st, &headers, Action::StreamAlerts)?;
+    let q = query(q)?;
+    let owner = match (p.scope(), q.owner) {
+        (Some(own), Some(asked)) if own.as_str() != asked => {
+            return Err(ApiError::forbidden("owner: not yours"))
+        }
+        (Some(own), _) => Some(own.to_string()),
+        (None, Some(asked)) => Some(parse_id(&asked, "owner")?.to_string()),
+        (None, None) => None,
+    };
+    let last_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::bad_request("Last-Event-ID: expected a number"))?,
+        ),
+    };
+    // Subscribe before reading the log, so nothing falls between the two.
+    let live = st.stream.subscribe();
+    let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+    tokio::spawn(pump(st.clone(), owner, last_id, live, tx));
+    let body = ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+    let mut r = Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(r)
+}
+
+fn alert_event(seq: i64, e: &calwatch_protocol::AlertEvent) -> Event {
+    let ev = Event::default()
+        .event("alert")
+        .data(String::from_utf8_lossy(&e.encode()));
+    if seq > 0 {
+        ev.id(seq.to_string())
+    } else {
+        ev
+    }
+}
+
+fn resync(reason: &str, missed: u64) -> Event {
+    Event::default()
+        .event("resync")
+        .data(serde_json::json!({"reason": reason, "missed": missed}).to_string())
+}
+
+async fn pump(
+    st: Arc<ApiState>,
+    owner: Option<String>,
+    last_id: Option<i64>,
+    mut live: broadcast::Receiver<crate::LoggedAlert>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut shutdown = st.shutdown.clone();
+    if tx
+        .send(Event::default().comment("connected"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut high = 0i64;
+    if let Some(after) = last_id {
+        high = after;
+        let reader = st.clone();
+        let owner2 = owner.clone();
+        let replay = tokio::task::spawn_blocking(move || {
+            reader
+                .alerts
+                .lock()
+                .ok()
+                .and_then(|r| r.log_after(after, owner2.as_deref(), REPLAY_MAX + 1).ok())
+        })
+        .await
+        .ok()
+        .flatten();
+        match replay {
+            Some(Some(events)) if events.len() <= REPLAY_MAX => {
+                for (seq, e) in events {
+                    high = high.max(seq);
+                    if tx.send(alert_event(seq, &e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Some(Some(_)) => {
+                if tx
+                    .send(resync("too_far_behind", REPLAY_MAX as u64))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Some(None) => {
+                if tx.send(resync("too_old", 0)).await.is_err() {
+                    return;
+                }
+            }
+            None => {
+                if tx.send(resync("log_unavailable", 0)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    loop {
+        let next = tokio::select! {
+            r = live.recv() => r,
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { return } else { continue }
+            }
+            _ = tx.closed() => return,
+        };
+        let ev = match next {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "SSE client lagging; sent resync");
+                if tx.send(resync("lagged", n)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if ev.seq != 0 && ev.seq <= high {
+            continue;
+        }
+        if owner
+            .as_deref()
+            .is_some_and(|o| ev.event.owner.as_str() != o)
+        {
+            continue;
+        }
+        if tx.send(alert_event(ev.seq, &ev.event)).await.is_err() {
+            return;
+        }
+    }
+}
