@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader, Read as _};
 use std::net::TcpListener;

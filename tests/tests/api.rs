@@ -1221,3 +1221,289 @@ impl Rng {
         self.usize(lo..hi) as u8
     }
 }
+
+/// The console in headless Chromium: it loads with the token from the URL, shows an alert
+/// raised by a fault replayed while it is open within 2 s (over SSE), acknowledging it from
+/// the page changes its state over the API; every page is screenshotted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_console_in_chromium() {
+    let Some(svc) = Services::get() else { return };
+    let api = Api::start(&svc, "apib").await;
+    // Kept after the run (tests/run removes its temp dir): target/test-output/console/.
+    let shots = calwatch_tests::workspace().join("target/test-output/console");
+    std::fs::create_dir_all(&shots).unwrap();
+    let browser = calwatch_tests::webdriver::Browser::start(&svc.test_dir("apib-chromium")).await;
+    browser
+        .goto(&format!("{}/#token={}", api.base, api.tokens.supervisor))
+        .await;
+    let who = browser
+        .wait_for(
+            "return document.querySelector('#who').textContent",
+            json!([]),
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("console did not sign in\n{}", api.gw.log_text()));
+    assert!(who.as_str().unwrap().contains("supervisor"), "{who}");
+    browser
+        .wait_for(
+            "return document.querySelector('#stream-state').textContent === 'live' && document.querySelectorAll('tr[data-alert-id]').length",
+            json!([]),
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("alert feed loaded and live");
+    assert_eq!(
+        browser.eval("return location.hash", json!([])).await,
+        "#/alerts",
+        "the token is taken out of the URL"
+    );
+    browser.screenshot(&shots.join("alerts.png")).await;
+
+    // A fault while the page is open: a reading from an unregistered-certificate scale.
+    let tag = &api.a.tag;
+    let dev = format!("{tag}-LIVE-1");
+    let (s, body) = api
+        .call(Method::POST, "/api/devices", Some(&api.tokens.admin), Some(("application/json",
+            serde_json::to_vec(&json!({"id": dev, "kind": "scale", "owner": api.a.owner, "site": api.a.site, "agent": api.a.agent_a,
+                "model": "FT-112", "serial": "L1", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60})).unwrap())))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let mqtt = Mqtt::connect(&svc.mqtt_addr, &format!("apib-pub-{}", std::process::id())).await;
+    let batch = calwatch_protocol::ReadingBatch {
+        agent: calwatch_protocol::Id::new(api.a.agent_a.clone()).unwrap(),
+        sent: now_ms(),
+        readings: vec![calwatch_protocol::Reading {
+            device: calwatch_protocol::Id::new(dev.clone()).unwrap(),
+            seq: 1,
+            ts: now_ms(),
+            values: vec![(
+                calwatch_protocol::Id::new("gross_kg").unwrap(),
+                calwatch_protocol::Value::Number(2.5),
+            )],
+        }],
+    };
+    let sent = Instant::now();
+    mqtt.publish_batch(&api.a.agent_a, batch.encode().unwrap())
+        .await;
+    let row = "return [...document.querySelectorAll('tr[data-alert-id]')].filter(r => r.textContent.includes(arguments[0]) && r.textContent.includes('unverified')).map(r => r.dataset.alertId)[0]";
+    let alert_id = browser
+        .wait_for(row, json!([dev]), Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("the alert did not show\n{}", api.gw.log_text()));
+    let shown_after = sent.elapsed();
+    assert!(
+        shown_after < Duration::from_secs(2),
+        "alert shown after {shown_after:?}"
+    );
+    eprintln!("alert shown in the console {shown_after:?} after the reading was published");
+    let alert_id = alert_id.as_str().unwrap().to_string();
+    browser.screenshot(&shots.join("alert-raised.png")).await;
+
+    browser
+        .click(&format!("tr[data-alert-id='{alert_id}'] .ack-button"))
+        .await;
+    let state = browser
+        .wait_for(
+            "const r = document.querySelector(`tr[data-alert-id='${arguments[0]}']`); return r && r.dataset.state === 'acknowledged' && r.dataset.state",
+            json!([alert_id]),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(state, Some(json!("acknowledged")), "page shows the ack");
+    let (_, list) = api
+        .call(
+            Method::GET,
+            &format!("/api/alerts?device={dev}"),
+            Some(&api.tokens.supervisor),
+            None,
+        )
+        .await;
+    let a = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == alert_id.as_str())
+        .unwrap();
+    assert_eq!(a["state"], "acknowledged", "{a}");
+    assert_eq!(a["ack_by"], "sam-supervisor");
+    browser
+        .screenshot(&shots.join("alert-acknowledged.png"))
+        .await;
+
+    for (page, ready, file) in [
+        (
+            "#/devices",
+            "return document.querySelectorAll('#device-table tbody tr').length",
+            "instruments.png",
+        ),
+        (
+            "#/coverage",
+            "return document.querySelectorAll('#coverage-owner tbody tr').length",
+            "coverage.png",
+        ),
+    ] {
+        browser
+            .eval(&format!("location.hash = '{page}'"), json!([]))
+            .await;
+        browser
+            .wait_for(ready, json!([]), Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{page} did not render"));
+        browser.screenshot(&shots.join(file)).await;
+    }
+    // An instrument with readings: its page charts them once watched.
+    let drift = api.a.device(Fault::Drift).id.clone();
+    browser
+        .eval(&format!("location.hash = '#/device/{drift}'"), json!([]))
+        .await;
+    browser
+        .wait_for(
+            "return document.querySelectorAll('#device-facts div').length",
+            json!([]),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("instrument page");
+    browser
+        .wait_for(
+            "return document.querySelectorAll('svg.chart').length === 2",
+            json!([]),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("charts drawn");
+    browser.screenshot(&shots.join("instrument.png")).await;
+    for f in [
+        "alerts.png",
+        "alert-raised.png",
+        "alert-acknowledged.png",
+        "instruments.png",
+        "coverage.png",
+        "instrument.png",
+    ] {
+        let bytes = std::fs::read(shots.join(f)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000, "{f}");
+    }
+    eprintln!("screenshots in {}", shots.display());
+    browser.quit().await;
+}
+
+/// With `[http] cert_file`/`key_file` the API is HTTPS only (rustls): a client trusting the
+/// CA gets answers, plain HTTP on that port gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_https_with_a_configured_certificate() {
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("apihttps");
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=calwatch test CA",
+    ]);
+    sh(&[
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    sh(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let port = calwatch_tests::free_port();
+    let toml = dir.join("gateway.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "client_id = \"https-gw-{}\"\n[mqtt]\nurl = \"mqtt://{}\"\n[registry]\npath = \"registry.db\"\n\
+             [http]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n",
+            std::process::id(),
+            svc.mqtt_addr
+        ),
+    )
+    .unwrap();
+    let sup = token(&toml, "supervisor", None, "sup");
+    let gw = {
+        let (dir, toml) = (dir.clone(), toml.clone());
+        tokio::task::spawn_blocking(move || start_gateway(&dir, "gateway", &toml))
+            .await
+            .unwrap()
+    };
+    assert!(gw.log_text().contains("https=true"), "{}", gw.log_text());
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let me: Json = client
+        .get(format!("https://127.0.0.1:{port}/api/me"))
+        .bearer_auth(&sup)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["role"], "supervisor");
+    let page = client
+        .get(format!("https://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
+    // Plain HTTP to the HTTPS port: no answer, and an untrusting client refuses.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(!plain.is_ok_and(|r| r.status().is_success()));
+    assert!(reqwest::get(format!("https://127.0.0.1:{port}/healthz"))
+        .await
+        .is_err());
+}

@@ -184,3 +184,120 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use calwatch_protocol::AlertEvent;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::api::auth::{self, Authenticator, Role};
+    use crate::config::HttpConfig;
+    use crate::registry::Registry;
+    use crate::store::{AlertReader, StateStore};
+    use crate::LoggedAlert;
+
+    fn event(seq: i64, message: &str) -> LoggedAlert {
+        let json = serde_json::json!({"v":1,"id":format!("a-{seq:06}"),"device":"D1","owner":"o1","site":"s1",
+            "kind":"drift","severity":"warning","state":"active","raised":1,"updated":1,"resolved":null,
+            "ack_by":null,"count":1,"message":message,"evidence":{}});
+        LoggedAlert {
+            seq,
+            event: AlertEvent::decode(json.to_string().as_bytes()).unwrap(),
+        }
+    }
+
+    /// A client that stops reading while events pour in gets `resync` (with how many it
+    /// missed) when it reads again, and the live stream goes on after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lagging_client_gets_resync_then_the_stream_goes_on() {
+        let dir = std::env::temp_dir().join(format!("calwatch-sse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.db");
+        let mut reg = Registry::open(&path).unwrap();
+        let token = auth::create(&mut reg, "sup", Role::Supervisor, None, "test").unwrap();
+        drop(StateStore::open(&path).unwrap());
+        // A tiny broadcast buffer: lagging is quick to reach.
+        let (stream, _) = broadcast::channel(4);
+        let (commands, _rx) = mpsc::channel(1);
+        let (_stop_tx, shutdown) = watch::channel(false);
+        let state = Arc::new(ApiState {
+            auth: Authenticator::open(&path).unwrap(),
+            alerts: Mutex::new(AlertReader::open(&path).unwrap()),
+            registry_path: path.clone(),
+            commands,
+            stream: stream.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::new(Vec::new())),
+            metrics_public: false,
+            shutdown,
+        });
+        let cfg = HttpConfig {
+            listen: "127.0.0.1:0".into(),
+            cert_file: None,
+            key_file: None,
+            metrics_public: false,
+        };
+        let server = crate::api::serve(&cfg, state).await.unwrap();
+        let mut resp = reqwest::Client::new()
+            .get(format!("http://{}/api/alerts/stream", server.addr))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let first = resp.chunk().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains(": connected"));
+        // 64 MB of events while the client reads nothing: the socket, the client's buffer
+        // and the broadcast all fill.
+        let big = "x".repeat(16 << 10);
+        for seq in 1..=4000 {
+            let _ = stream.send(event(seq, &big));
+            if seq % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !text.contains("event: resync") {
+            match tokio::time::timeout_at(deadline, resp.chunk()).await {
+                Ok(Ok(Some(c))) => {
+                    text.push_str(&String::from_utf8_lossy(&c));
+                    // Keep only the tail: the events are large.
+                    if text.len() > 1 << 20 {
+                        text.drain(..text.len() - (64 << 10));
+                    }
+                }
+                other => panic!(
+                    "stream ended without resync: {:?}",
+                    other.map(|r| r.map(|c| c.map(|b| b.len())))
+                ),
+            }
+        }
+        let resync = text.split("event: resync").nth(1).unwrap();
+        let data = resync
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["reason"], "lagged");
+        assert!(v["missed"].as_u64().unwrap() > 0, "{v}");
+        // Drain, then a new event still arrives.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(Some(_)) = resp.chunk().await {}
+        })
+        .await;
+        let _ = stream.send(event(5000, "after the resync"));
+        let mut tail = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !tail.contains("after the resync") {
+            match tokio::time::timeout_at(deadline, resp.chunk()).await {
+                Ok(Ok(Some(c))) => tail.push_str(&String::from_utf8_lossy(&c)),
+                _ => panic!("no live event after the resync"),
+            }
+        }
+        assert!(tail.contains("id: 5000"), "{tail}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
