@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod api;
 pub mod audit;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod checks;
 pub mod civil;

@@ -77,7 +77,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run everything on embedded defaults: broker, simulated instruments, agents, gateway.
+    /// A small city on embedded defaults: broker, 101 simulated instruments with faults,
+    /// agents, the gateway, the console. Prints the console URL and a token, then alerts.
     Demo {
         /// Working directory (default: a new temp dir).
         #[arg(long)]
@@ -85,6 +86,31 @@ enum Command {
         /// Stop after this many seconds (default: until Ctrl-C).
         #[arg(long = "for")]
         for_s: Option<u64>,
+        /// Simulated seconds per second: faults develop this much faster.
+        #[arg(long, default_value_t = 10.0)]
+        speed: f64,
+        /// Console and API address (a free port when taken).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+        /// Use this broker instead of the embedded one.
+        #[arg(long)]
+        mqtt_url: Option<String>,
+        /// Also write to this InfluxDB / VictoriaMetrics (with --influx-db: the v1 /write
+        /// API of InfluxDB 1.x; with --influx-bucket: the v2 API).
+        #[arg(long)]
+        influx_url: Option<String>,
+        /// v1: database.
+        #[arg(long, requires = "influx_url", conflicts_with = "influx_bucket")]
+        influx_db: Option<String>,
+        /// v2: organisation.
+        #[arg(long, requires = "influx_bucket")]
+        influx_org: Option<String>,
+        /// v2: bucket.
+        #[arg(long, requires = "influx_url")]
+        influx_bucket: Option<String>,
+        /// v2: file holding the API token.
+        #[arg(long, requires = "influx_bucket")]
+        influx_token_file: Option<PathBuf>,
     },
 }
 
@@ -92,8 +118,12 @@ enum Command {
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    init_tracing("info,rumqttd=off");
     let cli = Cli::parse();
+    // The demo's terminal is for its banner and alert lines: only warnings besides.
+    init_tracing(match cli.command {
+        Command::Demo { .. } => "warn,rumqttd=off",
+        _ => "info,rumqttd=off",
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -291,11 +321,61 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Demo { dir, for_s } => {
+        Command::Demo {
+            dir,
+            for_s,
+            speed,
+            http,
+            mqtt_url,
+            influx_url,
+            influx_db,
+            influx_org,
+            influx_bucket,
+            influx_token_file,
+        } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("calwatch-demo-{}", std::process::id()))
             });
+            if !(speed > 0.0 && speed.is_finite()) {
+                eprintln!("calwatch-gateway demo: --speed must be a positive number");
+                return ExitCode::from(CONFIG_ERROR);
+            }
+            let q = |s: &str| format!("{s:?}");
+            let sinks = match (influx_url, influx_db, influx_bucket) {
+                (Some(url), Some(db), _) => {
+                    format!(
+                        "[[sink]]\nkind = \"influx_v1\"\nurl = {}\ndb = {}\n",
+                        q(&url),
+                        q(&db)
+                    )
+                }
+                (Some(url), None, Some(bucket)) => {
+                    let mut t = format!(
+                        "[[sink]]\nkind = \"influx_v2\"\nurl = {}\norg = {}\nbucket = {}\n",
+                        q(&url),
+                        q(&influx_org.unwrap_or_else(|| "calwatch".into())),
+                        q(&bucket)
+                    );
+                    if let Some(f) = influx_token_file {
+                        let abs = std::fs::canonicalize(&f).unwrap_or(f);
+                        t.push_str(&format!("token_file = {}\n", q(&abs.display().to_string())));
+                    }
+                    t
+                }
+                (Some(_), None, None) => {
+                    eprintln!("calwatch-gateway demo: --influx-url needs --influx-db (v1) or --influx-bucket (v2)");
+                    return ExitCode::from(CONFIG_ERROR);
+                }
+                _ => String::new(),
+            };
             eprintln!("demo: working directory {}", dir.display());
+            let opts = calwatch_gateway::demo::DemoOptions {
+                dir,
+                speed,
+                http,
+                mqtt_url,
+                sinks,
+            };
             runtime.block_on(async {
                 let (stop_tx, stop_rx) = watch::channel(false);
                 tokio::spawn(async move {
@@ -308,7 +388,7 @@ fn main() -> ExitCode {
                     }
                     let _ = stop_tx.send(true);
                 });
-                match calwatch_gateway::demo::run(&dir, stop_rx).await {
+                match calwatch_gateway::demo::run(opts, stop_rx).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("calwatch-gateway demo: {e}");
