@@ -277,7 +277,9 @@ impl Registry {
         }
         let conn = Connection::open(path).map_err(db)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+            // busy_timeout: an import or `token` beside a running gateway waits for its
+            // commit instead of failing with "database is locked".
+            "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
         )
         .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
