@@ -287,6 +287,11 @@ impl Metrics {
             get(&self.gaps),
         );
         counter(
+            "calwatch_bursts_total",
+            "Bursts of MQTT messages made durable and acked",
+            get(&self.bursts),
+        );
+        counter(
             "calwatch_sweeps_total",
             "Wall-clock sweeps run",
             get(&self.sweeps),

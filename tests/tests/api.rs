@@ -1300,16 +1300,31 @@ async fn api_console_in_chromium() {
     let alert_id = alert_id.as_str().unwrap().to_string();
     browser.screenshot(&shots.join("alert-raised.png")).await;
 
+    // The feed re-renders on every event (the sweep runs each second here), which can detach
+    // a button between WebDriver finding and clicking it: click the row's current button,
+    // again if the row still shows it a second later (acknowledging twice is harmless).
     browser
         .click(&format!("tr[data-alert-id='{alert_id}'] .ack-button"))
         .await;
-    let state = browser
-        .wait_for(
-            "const r = document.querySelector(`tr[data-alert-id='${arguments[0]}']`); return r && r.dataset.state === 'acknowledged' && r.dataset.state",
-            json!([alert_id]),
-            Duration::from_secs(10),
-        )
-        .await;
+    let mut state = None;
+    for _ in 0..10 {
+        state = browser
+            .wait_for(
+                "const r = document.querySelector(`tr[data-alert-id='${arguments[0]}']`); return r && r.dataset.state === 'acknowledged' && r.dataset.state",
+                json!([alert_id]),
+                Duration::from_secs(1),
+            )
+            .await;
+        if state.is_some() {
+            break;
+        }
+        browser
+            .eval(
+                "const b = document.querySelector(`tr[data-alert-id='${arguments[0]}'] .ack-button`); if (b && !b.disabled) b.click(); return !!b",
+                json!([alert_id]),
+            )
+            .await;
+    }
     assert_eq!(state, Some(json!("acknowledged")), "page shows the ack");
     let (_, list) = api
         .call(

@@ -190,7 +190,19 @@ struct StepResult {
     queue_end: f64,
     drain_s: f64,
     alerts_expected: usize,
+    /// Gateway seconds in decode, check and commit (queues + state) over the step, and bursts.
+    split: [f64; 4],
+    /// Length of the step, s.
+    wall: f64,
 }
+
+/// The gateway's own timers: where its time goes.
+const SPLIT: [&str; 4] = [
+    "calwatch_decode_seconds_sum",
+    "calwatch_check_seconds_sum",
+    "calwatch_commit_seconds_sum",
+    "calwatch_bursts_total",
+];
 
 impl StepResult {
     fn pct(&self, p: f64) -> f64 {
@@ -228,6 +240,10 @@ async fn measure(
     pids.extend_from_slice(extra);
     let cpu0: Vec<f64> = pids.iter().map(|(_, p)| cpu_s(*p)).collect();
     let checked0 = metric(&env.http, &env.gw_base, "calwatch_readings_checked_total").await;
+    let mut split0 = [0.0; 4];
+    for (i, m) in SPLIT.iter().enumerate() {
+        split0[i] = metric(&env.http, &env.gw_base, m).await;
+    }
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(env.step_s);
     let mut seqs: HashMap<usize, u64> = HashMap::new();
@@ -312,6 +328,10 @@ async fn measure(
     let checked1 = metric(&env.http, &env.gw_base, "calwatch_readings_checked_total").await;
     let cpu1: Vec<f64> = pids.iter().map(|(_, p)| cpu_s(*p)).collect();
     let queue_end = metric(&env.http, &env.gw_base, "calwatch_sink_queue_records").await;
+    let mut split = [0.0; 4];
+    for (i, m) in SPLIT.iter().enumerate() {
+        split[i] = metric(&env.http, &env.gw_base, m).await - split0[i];
+    }
     let delivered = (checked1 - checked0).max(0.0);
     // Offered: readings handed to the MQTT client (whose queue refuses when the broker does
     // not keep up); the agent's own rate is what it delivered.
@@ -367,6 +387,8 @@ async fn measure(
         lat_ms,
         queue_end,
         drain_s,
+        split,
+        wall,
     }
 }
 
@@ -671,6 +693,23 @@ fn report(
             })
             .collect();
         let _ = writeln!(s, "| {} | {} |", r.label, cells.join(" | "));
+    }
+    let _ = writeln!(s, "\nWhere the gateway's time goes (its own timers, µs per delivered reading; bursts per second and readings per burst):\n");
+    let _ = writeln!(s, "| step | decode | checks + line protocol | durable (queues + state commit) | bursts/s | readings/burst |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for r in results {
+        let readings = (r.delivered * r.wall).max(1.0);
+        let per = |x: f64| 1e6 * x / readings;
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            r.label,
+            per(r.split[0]),
+            per(r.split[1]),
+            per(r.split[2]),
+            r.split[3] / r.wall,
+            readings / r.split[3].max(1.0)
+        );
     }
     if let Some(last) = results.last() {
         let top = last
