@@ -241,6 +241,8 @@ impl Publisher {
             opts.set_inflight(self.publish.inflight.max(1) + 2);
             let (client, mut eventloop) =
                 AsyncClient::new(opts, usize::from(self.publish.inflight) + 16);
+            // A small batch (one reading of a slow device) goes out at once, not after Nagle.
+            eventloop.network_options.set_tcp_nodelay(true);
             let (ev_tx, mut events) = mpsc::channel(1024);
             let pump = tokio::spawn(async move {
                 loop {

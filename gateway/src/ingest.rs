@@ -695,6 +695,8 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
     // A persistent session: what we did not acknowledge is redelivered after a reconnect.
     opts.set_clean_session(false);
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    // Alert events and acks are small: no Nagle delay (40 ms with delayed ACKs).
+    eventloop.network_options.set_tcp_nodelay(true);
     let (tx, mut rx) = mpsc::channel::<Publish>(1024);
     let sub_client = client.clone();
     let url = mqtt.url.clone();

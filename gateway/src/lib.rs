@@ -138,6 +138,7 @@ impl Gateway {
             https = server.https,
             "HTTP API and console listening"
         );
+        let checkpointer = crate::store::Checkpointer::spawn(&cfg.registry.path, shutdown.clone())?;
         let (stop_writers, writers_stop) = watch::channel(false);
         let writers = sink::start_writers(&cfg.sinks, &queues, writers_stop);
         let ingest = tokio::spawn(ingest::run(IngestTask {
@@ -174,6 +175,7 @@ impl Gateway {
             }
             // Open SSE streams end with the shutdown signal; give them a moment.
             let _ = tokio::time::timeout(Duration::from_secs(2), server.task).await;
+            let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
             result
         });
         Ok(Gateway {

@@ -60,7 +60,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "{}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                "{}set_tcp_nodelay true\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
                  autosave_interval 1\nmax_queued_messages 100000\nlog_dest stderr\n",
                 stay_root(),
                 data.display()

@@ -22,6 +22,7 @@ pub struct CheatingState {
     /// Sales counted (decision 7); restarts at each new passing verification.
     pub count: u32,
     /// Deviation of the last counted sale, percent of the encoder volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_deviation_pct: Option<f64>,
 }
 

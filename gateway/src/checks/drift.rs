@@ -167,6 +167,7 @@ pub struct DriftState {
     /// r of the warm-up comparisons; emptied when the warm-up ends.
     pub warmup: Vec<f64>,
     /// Set when the warm-up ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Baseline>,
     /// Comparisons since the warm-up ended (the i of σ_z).
     pub monitored: u64,
@@ -181,6 +182,7 @@ pub struct DriftState {
     /// The last `trend_window` comparisons as (ts, r).
     pub trend: VecDeque<(i64, f64)>,
     /// The average in progress (`zero`, `physics`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bucket: Option<Bucket>,
 }
 

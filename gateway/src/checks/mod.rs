@@ -314,10 +314,12 @@ pub struct DeviceState {
     /// `seq` of the newest reading checked.
     pub last_seq: u64,
     /// Newest event time checked (liveness, sweep); `None` before the first reading.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_ts: Option<i64>,
     /// Kinds raised and not cleared, with severity and time of the last raise.
     pub present: Presence,
     /// The passing certificate the fields from `seal` to `reference_anchor` belong to.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<Epoch>,
     /// Seal baselines learned from the first reading, and the values last reported broken.
     pub seal: SealState,
@@ -328,14 +330,19 @@ pub struct DeviceState {
     /// Drift statistics per comparison source.
     pub drift: DriftSources,
     /// Start of the pending `reference_device` energy comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reference_anchor: Option<ReferenceAnchor>,
     /// Last `totalizer_l` seen (rollback, totalizer check; not per verification).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub totalizer: Option<Register>,
     /// Last `energy_kwh` seen (rollback; the reference view of this device).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub energy: Option<Register>,
     /// The `energy_kwh` before `energy`, unless the register went back in between.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub energy_prev: Option<Register>,
     /// Last `sale_id` seen; a different one is a new sale.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sale_id: Option<f64>,
 }
 

@@ -19,12 +19,16 @@ use crate::registry::Certificate;
 pub struct SealState {
     /// `event_counter` of the first reading after a verification whose certificate records
     /// none (decision 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub event_counter: Option<f64>,
     /// `k_factor` likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub k_factor: Option<f64>,
     /// The reading value `seal_broken` was last raised for; another value raises again.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub broken_counter: Option<f64>,
     /// The reading value `param_changed` was last raised for.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub changed_k_factor: Option<f64>,
 }
 

@@ -102,6 +102,7 @@ async fn mqtt(addr: &str, id: &str) -> Mqtt {
     o.set_keep_alive(Duration::from_secs(30));
     o.set_inflight(200);
     let (client, mut el) = AsyncClient::new(o, 10_000);
+    el.network_options.set_tcp_nodelay(true);
     let alerts = Arc::new(Mutex::new(Vec::new()));
     let al = alerts.clone();
     tokio::spawn(async move {
