@@ -134,6 +134,8 @@ pub(crate) struct Slot {
     pub(crate) dirty: bool,
     /// Recent readings, kept only while the console watches the device.
     pub(crate) recent: Option<Box<Recent>>,
+    /// [`crate::store::state_hash`] of the state last committed (0: not known).
+    pub(crate) stored_hash: u64,
 }
 
 impl Slot {
@@ -152,6 +154,7 @@ impl Slot {
             saved,
             dirty: false,
             recent: None,
+            stored_hash: 0,
         })
     }
 }
@@ -532,7 +535,7 @@ impl Pipeline {
             .dirty
             .iter()
             .filter_map(|id| self.states.get_key_value(id.as_str()))
-            .map(|(id, slot)| (id, &slot.saved))
+            .map(|(id, slot)| (id, &slot.saved, slot.stored_hash))
             .collect();
         let commit = Commit {
             devices,
@@ -560,9 +563,10 @@ impl Pipeline {
                 }
             }
         };
-        for id in self.dirty.drain(..) {
+        for (i, id) in self.dirty.drain(..).enumerate() {
             if let Some(slot) = self.states.get_mut(id.as_str()) {
                 slot.dirty = false;
+                slot.stored_hash = last.hashes.get(i).copied().unwrap_or(0);
             }
         }
         Ok(last)

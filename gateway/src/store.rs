@@ -25,7 +25,7 @@ pub enum StoreError {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS device_state (
     device TEXT PRIMARY KEY, state TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0,
-    readings INTEGER NOT NULL DEFAULT 0
+    readings INTEGER NOT NULL DEFAULT 0, last_seq INTEGER, last_ts INTEGER
 );
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert (
@@ -63,7 +63,10 @@ pub struct StateStore {
 /// One ingest commit: what changed since the last one.
 #[derive(Default)]
 pub struct Commit<'a> {
-    pub devices: Vec<(&'a Id, &'a SavedDevice)>,
+    /// Changed devices, with the [`state_hash`] of the state last written for each (0:
+    /// unknown): a state whose hash is unchanged has only its counters and `last_seq` /
+    /// `last_ts` updated, not its JSON rewritten.
+    pub devices: Vec<(&'a Id, &'a SavedDevice, u64)>,
     /// Alert versions to store, with their clear-since time.
     pub alerts: Vec<(AlertEvent, Option<i64>)>,
     /// Alert transitions to audit (state changes and severity changes); they also go to the
@@ -91,6 +94,15 @@ impl StateStore {
         if !has_readings {
             conn.execute_batch(
                 "ALTER TABLE device_state ADD COLUMN readings INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        // ... and before last_seq/last_ts had columns of their own (they were in `state`).
+        let has_last_seq: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('device_state') WHERE name = 'last_seq'")?
+            .exists([])?;
+        if !has_last_seq {
+            conn.execute_batch(
+                "ALTER TABLE device_state ADD COLUMN last_seq INTEGER; ALTER TABLE device_state ADD COLUMN last_ts INTEGER;",
             )?;
         }
         audit::init(&conn)?;
@@ -126,23 +138,33 @@ impl StateStore {
     pub fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT device, state, gaps, readings FROM device_state")?;
+            .prepare("SELECT device, state, gaps, readings, last_seq, last_ts FROM device_state")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (device, state, gaps, readings) = row?;
+            let (device, state, gaps, readings, last_seq, last_ts) = row?;
             let Ok(id) = Id::new(device) else { continue };
+            let mut state: DeviceState = serde_json::from_str(&state)?;
+            // Rows written before the columns existed carry them in `state`.
+            if let Some(seq) = last_seq {
+                state.last_seq = seq.max(0) as u64;
+            }
+            if last_ts.is_some() {
+                state.last_ts = last_ts;
+            }
             out.push((
                 id,
                 SavedDevice {
-                    state: serde_json::from_str(&state)?,
+                    state,
                     gaps: gaps.max(0) as u64,
                     readings: readings.max(0) as u64,
                 },
@@ -183,18 +205,41 @@ impl StateStore {
         let tx = self.conn.transaction()?;
         let mut last_outbox = 0;
         let mut log_seqs = Vec::with_capacity(c.transitions.len());
+        let mut hashes = Vec::with_capacity(c.devices.len());
         {
             let mut put_state = tx.prepare_cached(
-                "INSERT INTO device_state (device, state, gaps, readings) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3, readings = ?4",
+                "INSERT INTO device_state (device, state, gaps, readings, last_seq, last_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3, readings = ?4,
+                   last_seq = ?5, last_ts = ?6",
             )?;
-            for (id, saved) in &c.devices {
-                put_state.execute(params![
+            let mut put_hot = tx.prepare_cached(
+                "UPDATE device_state SET gaps = ?2, readings = ?3, last_seq = ?4, last_ts = ?5
+                 WHERE device = ?1",
+            )?;
+            let mut json = Vec::with_capacity(2048);
+            for (id, saved, known) in &c.devices {
+                json.clear();
+                serde_json::to_writer(&mut json, &saved.state)?;
+                let h = state_hash(&json);
+                let hot = params![
                     id.as_str(),
-                    serde_json::to_string(&saved.state)?,
                     saved.gaps as i64,
-                    saved.readings as i64
-                ])?;
+                    saved.readings as i64,
+                    saved.state.last_seq as i64,
+                    saved.state.last_ts
+                ];
+                if h != *known || put_hot.execute(hot)? != 1 {
+                    put_state.execute(params![
+                        id.as_str(),
+                        std::str::from_utf8(&json).unwrap_or("{}"),
+                        saved.gaps as i64,
+                        saved.readings as i64,
+                        saved.state.last_seq as i64,
+                        saved.state.last_ts
+                    ])?;
+                }
+                hashes.push(h);
             }
             let mut put_alert = tx.prepare_cached(
                 "INSERT INTO alert (id, device, kind, state, owner, raised, updated, event, clear_since, seq)
@@ -266,6 +311,7 @@ impl StateStore {
         Ok(Committed {
             outbox: last_outbox,
             log_seqs,
+            hashes,
         })
     }
 }
@@ -324,6 +370,17 @@ pub struct Committed {
     pub outbox: i64,
     /// `alert_log` seq of each transition, in order: the SSE event ids.
     pub log_seqs: Vec<i64>,
+    /// [`state_hash`] of each device's state as now stored, in the order of `devices`.
+    pub hashes: Vec<u64>,
+}
+
+/// A hash of a device state's JSON (which leaves out `last_seq` and `last_ts`): equal when
+/// nothing but those changed, so the commit need not rewrite it.
+pub fn state_hash(json: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    json.hash(&mut h);
+    h.finish() | 1
 }
 
 /// Read-only access to the alerts for the HTTP API (its own connection: reads never wait for
@@ -441,4 +498,66 @@ pub struct AlertFilter {
     pub kind: Option<String>,
     pub owner: Option<String>,
     pub device: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(store: &mut StateStore, id: &Id, saved: &SavedDevice, known: u64) -> u64 {
+        let c = Commit {
+            devices: vec![(id, saved, known)],
+            next_alert_id: 1,
+            ..Commit::default()
+        };
+        store.commit(&c, 0).unwrap().hashes[0]
+    }
+
+    #[test]
+    fn unchanged_state_updates_counters_only_and_loads_back_whole() {
+        let dir = std::env::temp_dir().join(format!("calwatch-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.db");
+        let _ = std::fs::remove_file(&path);
+        let mut store = StateStore::open(&path).unwrap();
+        let id = Id::new("D1").unwrap();
+        let mut saved = SavedDevice::default();
+        saved.state.last_seq = 1;
+        saved.state.last_ts = Some(1000);
+        saved.state.sale_id = Some(5.0);
+        let h1 = commit(&mut store, &id, &saved, 0);
+        // Only the counters move: same hash, the row's JSON untouched, the counters new.
+        saved.state.last_seq = 2;
+        saved.state.last_ts = Some(2000);
+        saved.readings = 2;
+        let h2 = commit(&mut store, &id, &saved, h1);
+        assert_eq!(h1, h2);
+        let loaded = store.load_devices().unwrap();
+        assert_eq!(loaded, vec![(id.clone(), saved.clone())]);
+        // The checks learned something: rewritten.
+        saved.state.sale_id = Some(6.0);
+        saved.state.last_seq = 3;
+        let h3 = commit(&mut store, &id, &saved, h2);
+        assert_ne!(h3, h2);
+        assert_eq!(
+            store.load_devices().unwrap(),
+            vec![(id.clone(), saved.clone())]
+        );
+        // A stale hash (another process wrote meanwhile) still writes the whole row.
+        saved.state.sale_id = Some(7.0);
+        commit(&mut store, &id, &saved, 12345);
+        assert_eq!(store.load_devices().unwrap()[0].1, saved);
+        // A row from before the columns existed: last_seq and last_ts from its JSON.
+        store
+            .conn
+            .execute(
+                "INSERT INTO device_state (device, state, gaps, readings) VALUES ('OLD', '{\"last_seq\":9,\"last_ts\":99}', 0, 9)",
+                [],
+            )
+            .unwrap();
+        let old = store.load_devices().unwrap();
+        let old = &old.iter().find(|(i, _)| i.as_str() == "OLD").unwrap().1;
+        assert_eq!((old.state.last_seq, old.state.last_ts), (9, Some(99)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -85,6 +85,44 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `devices` simulated instruments of `profile` for the benchmarks: a fleet file in `dir`
+/// (247 unit ids per port, on ports free now) and the `[[device]]` tables of an agent that
+/// polls them at 1 Hz as `{prefix}{i}`.
+pub fn bench_fleet(dir: &Path, profile: &Path, devices: usize, prefix: &str) -> (PathBuf, String) {
+    use std::fmt::Write as _;
+    const PER_PORT: usize = 247;
+    // Hold every listener until all ports are chosen, so no port is handed out twice.
+    let held: Vec<TcpListener> = (0..devices.div_ceil(PER_PORT))
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("port"))
+        .collect();
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect();
+    drop(held);
+    let mut fleet = String::new();
+    for (i, port) in ports.iter().enumerate() {
+        let count = (devices - i * PER_PORT).min(PER_PORT);
+        let _ = write!(
+            fleet,
+            "[[group]]\nprofile = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ncount = {count}\n\n",
+            profile.display()
+        );
+    }
+    let file = dir.join(format!("fleet-{prefix}{devices}.toml"));
+    std::fs::write(&file, fleet).expect("fleet file");
+    let mut tables = String::new();
+    for d in 0..devices {
+        let (port, unit) = (ports[d / PER_PORT], d % PER_PORT + 1);
+        let _ = write!(
+            tables,
+            "[[device]]\nid = \"{prefix}{d}\"\nprofile = \"{}\"\naddress = \"127.0.0.1:{port}\"\nunit = {unit}\ninterval_ms = 1000\ntimeout_ms = 2000\n",
+            profile.display()
+        );
+    }
+    (file, tables)
+}
+
 /// A child process killed when dropped; its stderr goes to a log file in the test dir.
 pub struct Proc {
     pub name: String,

@@ -23,7 +23,7 @@ use calwatch_protocol::{AlertKind, AlertState, Id};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::command::{Command, CoverageBy, DeviceQuery, Input, Refusal};
+use crate::command::{Command, CoverageBy, DeviceQuery, DeviceView, Input, Refusal};
 use crate::metrics::Metrics;
 use crate::store::{AlertFilter, AlertReader};
 use crate::LoggedAlert;
@@ -233,6 +233,19 @@ async fn deny(
     ApiError::forbidden(why)
 }
 
+/// The owner a list or stream is confined to: an owner's own (asking for another's is 403),
+/// or the one a bureau role asked for, or none.
+fn owner_filter(p: &Principal, asked: Option<String>) -> ApiResult<Option<Id>> {
+    match (p.scope(), asked) {
+        (Some(own), Some(asked)) if own.as_str() != asked => {
+            Err(ApiError::forbidden("owner: not yours"))
+        }
+        (Some(own), _) => Ok(Some(own.clone())),
+        (None, Some(asked)) => Ok(Some(parse_id(&asked, "owner")?)),
+        (None, None) => Ok(None),
+    }
+}
+
 fn parse_id(s: &str, what: &str) -> ApiResult<Id> {
     Id::new(s.to_string()).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }
@@ -347,14 +360,7 @@ async fn list_devices(
     let p = authorize(&st, &headers, Action::ReadDevices)?;
     let q = query(q)?;
     let (limit, offset) = page(q.limit, q.offset)?;
-    let owner = match (p.scope(), q.owner) {
-        (Some(own), Some(asked)) if own.as_str() != asked => {
-            return Err(ApiError::forbidden("owner: not yours"))
-        }
-        (Some(own), _) => Some(own.clone()),
-        (None, Some(asked)) => Some(parse_id(&asked, "owner")?),
-        (None, None) => None,
-    };
+    let owner = owner_filter(&p, q.owner)?;
     let query = DeviceQuery {
         owner,
         site: q.site,
@@ -377,22 +383,27 @@ fn no_device(p: &Principal, id: &str) -> ApiError {
     }
 }
 
+/// The device `id` if the caller may see it; otherwise [`no_device`].
+async fn visible_device(st: &ApiState, p: &Principal, id: &str) -> ApiResult<DeviceView> {
+    let id = parse_id(id, "device id")?;
+    let view = ask(st, |reply| Command::Device {
+        id: id.to_string(),
+        reply,
+    })
+    .await?;
+    match view {
+        Some(v) if p.sees(&v.owner) => Ok(v),
+        _ => Err(no_device(p, id.as_str())),
+    }
+}
+
 async fn get_device(
     State(st): Shared,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let p = authorize(&st, &headers, Action::ReadDevices)?;
-    let id = parse_id(&id, "device id")?;
-    let view = ask(&st, |reply| Command::Device {
-        id: id.to_string(),
-        reply,
-    })
-    .await?;
-    match view {
-        Some(v) if p.sees(&v.owner) => Ok(Json(v).into_response()),
-        _ => Err(no_device(&p, id.as_str())),
-    }
+    Ok(Json(visible_device(&st, &p, &id).await?).into_response())
 }
 
 async fn device_readings(
@@ -401,24 +412,16 @@ async fn device_readings(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let p = authorize(&st, &headers, Action::ReadDevices)?;
-    let id = parse_id(&id, "device id")?;
     // Ownership first: watching costs memory, an owner may not start it for another's device.
-    let view = ask(&st, |reply| Command::Device {
-        id: id.to_string(),
-        reply,
-    })
-    .await?;
-    if !view.as_ref().is_some_and(|v| p.sees(&v.owner)) {
-        return Err(no_device(&p, id.as_str()));
-    }
+    let view = visible_device(&st, &p, &id).await?;
     let recent = ask(&st, |reply| Command::Readings {
-        id: id.to_string(),
+        id: view.id.clone(),
         reply,
     })
     .await?;
     recent
         .map(|r| Json(r).into_response())
-        .ok_or_else(|| no_device(&p, id.as_str()))
+        .ok_or_else(|| no_device(&p, &view.id))
 }
 
 async fn register_device(
@@ -675,14 +678,7 @@ async fn list_alerts(
             )));
         }
     }
-    let owner = match (p.scope(), q.owner) {
-        (Some(own), Some(asked)) if own.as_str() != asked => {
-            return Err(ApiError::forbidden("owner: not yours"))
-        }
-        (Some(own), _) => Some(own.to_string()),
-        (None, Some(asked)) => Some(parse_id(&asked, "owner")?.to_string()),
-        (None, None) => None,
-    };
+    let owner = owner_filter(&p, q.owner)?.map(|o| o.to_string());
     if let Some(d) = &q.device {
         parse_id(d, "device")?;
     }

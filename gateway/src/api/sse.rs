@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{authorize, parse_id, query, Action, ApiError, ApiResult, ApiState, Shared};
+use super::{authorize, owner_filter, query, Action, ApiError, ApiResult, ApiState, Shared};
 
 /// Events buffered per client before it counts as lagging.
 pub const CLIENT_BUFFER: usize = 256;
@@ -41,14 +41,7 @@ pub(super) async fn stream(
 ) -> ApiResult<Response> {
     let p = authorize(&st, &headers, Action::StreamAlerts)?;
     let q = query(q)?;
-    let owner = match (p.scope(), q.owner) {
-        (Some(own), Some(asked)) if own.as_str() != asked => {
-            return Err(ApiError::forbidden("owner: not yours"))
-        }
-        (Some(own), _) => Some(own.to_string()),
-        (None, Some(asked)) => Some(parse_id(&asked, "owner")?.to_string()),
-        (None, None) => None,
-    };
+    let owner = owner_filter(&p, q.owner)?.map(|o| o.to_string());
     let last_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(

@@ -132,6 +132,13 @@ fn main() -> ExitCode {
         }
     };
     let load = |config: &PathBuf| GatewayConfig::load(config).map_err(|e| eprintln!("{e}"));
+    let open_registry = |config: &PathBuf| -> Result<Registry, ExitCode> {
+        let cfg = load(config).map_err(|()| ExitCode::from(CONFIG_ERROR))?;
+        Registry::open(&cfg.registry.path).map_err(|e| {
+            eprintln!("calwatch-gateway: {e}");
+            ExitCode::FAILURE
+        })
+    };
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(_) => {
@@ -145,15 +152,9 @@ fn main() -> ExitCode {
             devices,
             verifications,
         } => {
-            let Ok(cfg) = load(&config) else {
-                return ExitCode::from(CONFIG_ERROR);
-            };
-            let mut reg = match Registry::open(&cfg.registry.path) {
+            let mut reg = match open_registry(&config) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("calwatch-gateway: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             for (file, is_devices) in
                 std::iter::once((devices, true)).chain(verifications.map(|v| (v, false)))
@@ -203,15 +204,9 @@ fn main() -> ExitCode {
             name,
             revoke,
         } => {
-            let Ok(cfg) = load(&config) else {
-                return ExitCode::from(CONFIG_ERROR);
-            };
-            let mut reg = match Registry::open(&cfg.registry.path) {
+            let mut reg = match open_registry(&config) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("calwatch-gateway: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let actor = format!(
                 "cli:{}",
@@ -400,6 +395,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The state's JSON with `last_seq` and `last_ts` (stored in columns of their own).
+fn state_with_counters(state: &calwatch_gateway::checks::DeviceState) -> serde_json::Value {
+    let mut v = serde_json::to_value(state).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("last_seq".into(), state.last_seq.into());
+        o.insert("last_ts".into(), state.last_ts.into());
+    }
+    v
+}
+
 /// `{"device":..,"gaps":..,"readings":..,"state":{..}}` per device, then `{"alert":{..}}` per
 /// alert, oldest first.
 fn dump_state(cfg: &GatewayConfig) -> Result<(), String> {
@@ -413,7 +418,7 @@ fn dump_state(cfg: &GatewayConfig) -> Result<(), String> {
             "device": id.as_str(),
             "gaps": saved.gaps,
             "readings": saved.readings,
-            "state": saved.state,
+            "state": state_with_counters(&saved.state),
         });
         writeln!(out, "{line}").map_err(|e| e.to_string())?;
     }

@@ -311,10 +311,13 @@ pub struct Register {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DeviceState {
-    /// `seq` of the newest reading checked.
+    /// `seq` of the newest reading checked. Stored in a column of its own, not in the JSON
+    /// (which then changes only when the checks learned something); read from old JSON.
+    #[serde(skip_serializing)]
     pub last_seq: u64,
-    /// Newest event time checked (liveness, sweep); `None` before the first reading.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Newest event time checked (liveness, sweep); `None` before the first reading. Stored
+    /// like `last_seq`.
+    #[serde(skip_serializing)]
     pub last_ts: Option<i64>,
     /// Kinds raised and not cleared, with severity and time of the last raise.
     pub present: Presence,
@@ -964,8 +967,18 @@ mod tests {
         assert!(st.present.get(AlertKind::ParamChanged).is_some());
         assert!(st.drift.get(drift::DriftSource::Encoder).baseline.is_some());
         let json = serde_json::to_string(&st).unwrap();
-        let back: DeviceState = serde_json::from_str(&json).unwrap();
+        let mut back: DeviceState = serde_json::from_str(&json).unwrap();
+        // last_seq and last_ts live in columns of their own (the store puts them back)...
+        assert!(
+            !json.contains("last_seq") && !json.contains("last_ts"),
+            "{json}"
+        );
+        assert_eq!((back.last_seq, back.last_ts), (0, None));
+        (back.last_seq, back.last_ts) = (st.last_seq, st.last_ts);
         assert_eq!(back, st);
+        // ... and are still read from JSON written before they moved.
+        let old: DeviceState = serde_json::from_str(r#"{"last_seq":7,"last_ts":42}"#).unwrap();
+        assert_eq!((old.last_seq, old.last_ts), (7, Some(42)));
         // an empty object is a fresh state (fields added later default too)
         let fresh: DeviceState = serde_json::from_str("{}").unwrap();
         assert_eq!(fresh, DeviceState::default());

@@ -68,45 +68,18 @@ fn main() {
         std::env::temp_dir().join(format!("calwatch-bench-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let profile = workspace().join("config/profiles/ft112.toml");
-    let per_port = 247;
-    // Hold every listener until all ports are chosen, so no port is handed out twice.
-    let held: Vec<std::net::TcpListener> = (0..devices.div_ceil(per_port))
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port"))
-        .collect();
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect();
-    drop(held);
-    let mut fleet = String::new();
-    for (i, port) in ports.iter().enumerate() {
-        let count = (devices - i * per_port).min(per_port);
-        let _ = write!(
-            fleet,
-            "[[group]]\nprofile = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ncount = {count}\n\n",
-            profile.display()
-        );
-    }
-    std::fs::write(dir.join("fleet.toml"), fleet).expect("fleet");
+    let (fleet_file, tables) = calwatch_tests::bench_fleet(&dir, &profile, devices, "B-");
     let mut sim = Proc::start(
         &dir,
         "sim",
         &bin("calwatch-agent"),
-        &[
-            "simulate",
-            "--fleet",
-            dir.join("fleet.toml").to_str().unwrap_or(""),
-        ],
+        &["simulate", "--fleet", fleet_file.to_str().unwrap_or("")],
     );
     sim.wait_stdout_line("simulating", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
-    let mut cfg = format!(
-        "agent = \"bench-agent\"\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n[spool]\ndir = \"spool\"\nfsync = \"interval\"\n[batch]\nlinger_ms = 1000\nmax_readings = 1000\n"
+    let cfg = format!(
+        "agent = \"bench-agent\"\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n[spool]\ndir = \"spool\"\nfsync = \"interval\"\n[batch]\nlinger_ms = 1000\nmax_readings = 1000\n{tables}"
     );
-    for d in 0..devices {
-        let (port, unit) = (ports[d / per_port], d % per_port + 1);
-        let _ = write!(cfg, "[[device]]\nid = \"B-{d}\"\nprofile = \"{}\"\naddress = \"127.0.0.1:{port}\"\nunit = {unit}\ninterval_ms = 1000\ntimeout_ms = 2000\n", profile.display());
-    }
     std::fs::write(dir.join("agent.toml"), cfg).expect("agent.toml");
     let mut agent = Proc::start(
         &dir,

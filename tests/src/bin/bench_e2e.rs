@@ -398,26 +398,7 @@ static SEQ_BASE: AtomicU64 = AtomicU64::new(0);
 
 fn start_agent_fleet(dir: &Path, devices: usize, mqtt: &str) -> (Proc, Proc) {
     let profile = workspace().join("config/profiles/ft112.toml");
-    let per_port = 247;
-    let held: Vec<std::net::TcpListener> = (0..devices.div_ceil(per_port))
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port"))
-        .collect();
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect();
-    drop(held);
-    let mut fleet = String::new();
-    for (i, port) in ports.iter().enumerate() {
-        let count = (devices - i * per_port).min(per_port);
-        let _ = write!(
-            fleet,
-            "[[group]]\nprofile = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ncount = {count}\n\n",
-            profile.display()
-        );
-    }
-    let fleet_file = dir.join(format!("fleet-{devices}.toml"));
-    std::fs::write(&fleet_file, fleet).expect("fleet");
+    let (fleet_file, tables) = calwatch_tests::bench_fleet(dir, &profile, devices, "A-");
     let mut sim = Proc::start(
         dir,
         &format!("sim-{devices}"),
@@ -425,13 +406,9 @@ fn start_agent_fleet(dir: &Path, devices: usize, mqtt: &str) -> (Proc, Proc) {
         &["simulate", "--fleet", fleet_file.to_str().unwrap_or("")],
     );
     sim.wait_stdout_line("simulating", Duration::from_secs(30));
-    let mut cfg = format!(
-        "agent = \"bench-agent\"\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n[spool]\ndir = \"spool-{devices}\"\nfsync = \"interval\"\n[batch]\nlinger_ms = 500\nmax_readings = 1000\n"
+    let cfg = format!(
+        "agent = \"bench-agent\"\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n[spool]\ndir = \"spool-{devices}\"\nfsync = \"interval\"\n[batch]\nlinger_ms = 500\nmax_readings = 1000\n{tables}"
     );
-    for d in 0..devices {
-        let (port, unit) = (ports[d / per_port], d % per_port + 1);
-        let _ = write!(cfg, "[[device]]\nid = \"A-{d}\"\nprofile = \"{}\"\naddress = \"127.0.0.1:{port}\"\nunit = {unit}\ninterval_ms = 1000\ntimeout_ms = 2000\n", profile.display());
-    }
     let agent_toml = dir.join(format!("agent-{devices}.toml"));
     std::fs::write(&agent_toml, cfg).expect("agent.toml");
     let agent = Proc::start(
