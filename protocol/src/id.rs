@@ -7,6 +7,8 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
+
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -23,14 +25,14 @@ const QUOTE_CHARS: usize = 64;
 ///
 /// Holding an `Id` proves the name is valid, so it can go into a topic or a tag unchecked.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub struct Id(Box<str>);
+pub struct Id(CompactString);
 
 impl Id {
     /// Checks `s` and wraps it; the only way to make an `Id` besides parsing and decoding.
     pub fn new(s: impl Into<String>) -> Result<Id, IdError> {
         let s = s.into();
         if is_valid_id(&s) {
-            Ok(Id(s.into_boxed_str()))
+            Ok(Id(CompactString::from(s)))
         } else {
             Err(IdError::new(&s))
         }
@@ -99,7 +101,7 @@ impl Visitor<'_> for IdVisitor {
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Id, E> {
         if is_valid_id(s) {
-            Ok(Id(Box::from(s)))
+            Ok(Id(CompactString::new(s)))
         } else {
             // Plain message (no decoder tag) so config files parsed with other formats read
             // well; the JSON decoder recognises it by `ID_RULE`.
@@ -109,7 +111,7 @@ impl Visitor<'_> for IdVisitor {
 
     fn visit_string<E: de::Error>(self, s: String) -> Result<Id, E> {
         if is_valid_id(&s) {
-            Ok(Id(s.into_boxed_str()))
+            Ok(Id(CompactString::from(s)))
         } else {
             Err(E::custom(IdError::new(&s)))
         }
