@@ -87,7 +87,7 @@ fn device(n: usize) -> Device {
         site: id(format!("site-{}", n / 50)),
         agent: id(agent_id(n / PER_AGENT)),
         model: "bench".into(),
-        serial: format!("S{n:06}"),
+        serial: format!("S{n:06}").into(),
         accuracy_class: match kind {
             DeviceKind::Scale => Some("III".into()),
             DeviceKind::EnergyMeter => Some("1".into()),
@@ -99,7 +99,7 @@ fn device(n: usize) -> Device {
         interval_s: 1,
         reference_device: None,
         certificates: vec![Certificate {
-            certificate: format!("C-{n:06}"),
+            certificate: format!("C-{n:06}").into(),
             verified_at: T0 - 30 * DAY,
             valid_until: Some(T0 + 700 * DAY),
             passed: true,

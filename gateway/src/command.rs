@@ -139,11 +139,11 @@ pub struct CertificateView {
 impl From<&Certificate> for CertificateView {
     fn from(c: &Certificate) -> Self {
         CertificateView {
-            certificate: c.certificate.clone(),
+            certificate: c.certificate.to_string(),
             verified_at: c.verified_at,
             valid_until: c.valid_until,
             result: if c.passed { "pass" } else { "fail" },
-            verifier: c.verifier.clone(),
+            verifier: c.verifier.to_string(),
             event_counter: c.event_counter,
             k_factor: c.k_factor,
         }
@@ -253,9 +253,9 @@ impl Pipeline {
             owner: d.owner.to_string(),
             site: d.site.to_string(),
             agent: d.agent.to_string(),
-            model: d.model.clone(),
-            serial: d.serial.clone(),
-            accuracy_class: d.accuracy_class.clone(),
+            model: d.model.to_string(),
+            serial: d.serial.to_string(),
+            accuracy_class: d.accuracy_class.as_ref().map(|c| c.to_string()),
             max: d.max,
             e: d.e,
             mpe_pct: d.mpe_pct,
@@ -704,19 +704,7 @@ fn record(
 impl Slot {
     /// Points the slot at a new record of its device (after a registry reload).
     pub(crate) fn replace_device(&mut self, fresh: Arc<Device>, agent: u32) {
-        let tags_changed = fresh.owner != self.device.owner
-            || fresh.site != self.device.site
-            || fresh.kind != self.device.kind;
         self.device = fresh;
         self.agent = agent;
-        if tags_changed {
-            self.series = crate::sink::line::tag_set(&[
-                ("device", self.device.id.as_str()),
-                ("kind", self.device.kind.as_str()),
-                ("owner", self.device.owner.as_str()),
-                ("site", self.device.site.as_str()),
-            ])
-            .into_boxed_str();
-        }
     }
 }

@@ -127,8 +127,6 @@ pub(crate) struct Slot {
     /// [`AgentInfo::index`] of the device's agent: the assignment check without a string
     /// comparison (and the cache miss of reading the agent's id).
     pub(crate) agent: u32,
-    /// Its tags as line protocol, escaped: `device=..,kind=..,owner=..,site=..`.
-    pub(crate) series: Box<str>,
     pub(crate) saved: SavedDevice,
     /// Changed since the last commit.
     pub(crate) dirty: bool,
@@ -140,17 +138,9 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub(crate) fn new(device: Arc<Device>, agent: u32, saved: SavedDevice) -> Box<Slot> {
-        let series = crate::sink::line::tag_set(&[
-            ("device", device.id.as_str()),
-            ("kind", device.kind.as_str()),
-            ("owner", device.owner.as_str()),
-            ("site", device.site.as_str()),
-        ])
-        .into_boxed_str();
         Box::new(Slot {
             device,
             agent,
-            series,
             saved,
             dirty: false,
             recent: None,
@@ -349,7 +339,6 @@ impl Pipeline {
             }
             let Slot {
                 device,
-                series,
                 saved,
                 dirty,
                 recent,
@@ -396,7 +385,7 @@ impl Pipeline {
             let mut p = out
                 .lines
                 .point("reading")
-                .tags(series)
+                .device_tags(device)
                 .tag("vstate", vstate.as_str());
             for (name, value) in &r.values {
                 if name.as_str() == "seq" {

@@ -69,6 +69,10 @@ fn certificate_json(c: &Certificate) -> serde_json::Value {
     })
 }
 
+/// Short text of a device record (model, serial, class, certificate number, verifier):
+/// inline up to 24 bytes, so most take no heap block of their own (100,000 devices).
+pub type Text = compact_str::CompactString;
+
 /// Instrument families with their own checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceKind {
@@ -124,13 +128,13 @@ impl VState {
 /// A verification certificate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Certificate {
-    pub certificate: String,
+    pub certificate: Text,
     /// First millisecond of validity.
     pub verified_at: i64,
     /// First millisecond no longer valid (a date-only valid_until covers its whole day).
     pub valid_until: Option<i64>,
     pub passed: bool,
-    pub verifier: String,
+    pub verifier: Text,
     pub event_counter: Option<f64>,
     pub k_factor: Option<f64>,
 }
@@ -143,9 +147,9 @@ pub struct Device {
     pub owner: Id,
     pub site: Id,
     pub agent: Id,
-    pub model: String,
-    pub serial: String,
-    pub accuracy_class: Option<String>,
+    pub model: Text,
+    pub serial: Text,
+    pub accuracy_class: Option<Text>,
     pub max: Option<f64>,
     pub e: Option<f64>,
     pub mpe_pct: Option<f64>,
@@ -378,9 +382,9 @@ impl Registry {
                 owner: id_of(owner)?,
                 site: id_of(site)?,
                 agent: id_of(agent)?,
-                model,
-                serial,
-                accuracy_class: class,
+                model: model.into(),
+                serial: serial.into(),
+                accuracy_class: class.map(Text::from),
                 max,
                 e,
                 mpe_pct: mpe,
@@ -400,11 +404,11 @@ impl Registry {
                 Ok((
                     r.get::<_, String>(0)?,
                     Certificate {
-                        certificate: r.get(1)?,
+                        certificate: Text::from(r.get::<_, String>(1)?),
                         verified_at: r.get(2)?,
                         valid_until: r.get(3)?,
                         passed: r.get::<_, String>(4)? == "pass",
-                        verifier: r.get(5)?,
+                        verifier: Text::from(r.get::<_, String>(5)?),
                         event_counter: r.get(6)?,
                         k_factor: r.get(7)?,
                     },
@@ -553,7 +557,7 @@ impl Registry {
                    accuracy_class=?8, max=?9, e=?10, mpe_pct=?11, interval_s=?12, reference_device=?13",
                 params![
                     d.id.as_str(), d.kind.as_str(), d.owner.as_str(), d.site.as_str(), d.agent.as_str(),
-                    d.model, d.serial, d.accuracy_class, d.max, d.e, d.mpe_pct, d.interval_s as i64,
+                    d.model.as_str(), d.serial.as_str(), d.accuracy_class.as_deref(), d.max, d.e, d.mpe_pct, d.interval_s as i64,
                     d.reference_device.as_ref().map(|r| r.as_str()),
                 ],
             )
@@ -660,8 +664,8 @@ impl Registry {
                  ON CONFLICT(device, certificate) DO UPDATE SET verified_at=?3, valid_until=?4, result=?5,
                    verifier=?6, event_counter=?7, k_factor=?8",
                 params![
-                    device.as_str(), c.certificate, c.verified_at, c.valid_until,
-                    if c.passed { "pass" } else { "fail" }, c.verifier, c.event_counter, c.k_factor,
+                    device.as_str(), c.certificate.as_str(), c.verified_at, c.valid_until,
+                    if c.passed { "pass" } else { "fail" }, c.verifier.as_str(), c.event_counter, c.k_factor,
                 ],
             )
             .map_err(db_err)?;
@@ -918,9 +922,9 @@ fn parse_device(row: &Row) -> Result<Device, String> {
         owner: id_field(row, "owner")?,
         site: id_field(row, "site")?,
         agent: id_field(row, "agent")?,
-        model: field(row, "model").to_string(),
-        serial: field(row, "serial").to_string(),
-        accuracy_class,
+        model: field(row, "model").into(),
+        serial: field(row, "serial").into(),
+        accuracy_class: accuracy_class.map(Text::from),
         max,
         e,
         mpe_pct,
@@ -969,11 +973,11 @@ fn parse_verification(row: &Row) -> Result<(Id, Certificate), String> {
     Ok((
         device,
         Certificate {
-            certificate,
+            certificate: certificate.into(),
             verified_at,
             valid_until,
             passed,
-            verifier,
+            verifier: verifier.into(),
             event_counter: opt_number(row, "event_counter")?,
             k_factor: positive(row, "k_factor")?,
         },

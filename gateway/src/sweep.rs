@@ -72,7 +72,7 @@ impl Pipeline {
             let mut p = out
                 .lines
                 .point("device_status")
-                .tags(&slot.series)
+                .device_tags(&slot.device)
                 .tag("vstate", vstate.as_str());
             if let Some(days) = days_to_due(device, now_ms) {
                 p = p.float("days_to_due", days);

@@ -295,7 +295,7 @@ impl<'de> Deserialize<'de> for Presence {
 /// The passing certificate a state's per-verification parts belong to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Epoch {
-    pub certificate: String,
+    pub certificate: crate::registry::Text,
     pub verified_at: i64,
 }
 
@@ -770,7 +770,7 @@ mod fixtures {
             agent: id("agent-1"),
             model: "m".into(),
             serial: "s".into(),
-            accuracy_class: class.map(str::to_owned),
+            accuracy_class: class.map(Into::into),
             max: scale.then_some(15.0),
             e: scale.then_some(0.005),
             mpe_pct: (kind == DeviceKind::Dispenser).then_some(0.5),

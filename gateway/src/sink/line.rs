@@ -176,6 +176,24 @@ impl Point<'_> {
         self
     }
 
+    /// Adds the tags of a device's series: `device`, `kind`, `owner`, `site`. Ids never need
+    /// escaping (`[A-Za-z0-9._-]`), so they are copied as they are: no per-device tag string
+    /// is kept in memory and writing them costs four copies.
+    pub fn device_tags(self, d: &crate::registry::Device) -> Self {
+        debug_assert_eq!(self.fields, 0, "tags go before fields");
+        let b = &mut self.buf.buf;
+        for (key, value) in [
+            (",device=", d.id.as_str()),
+            (",kind=", d.kind.as_str()),
+            (",owner=", d.owner.as_str()),
+            (",site=", d.site.as_str()),
+        ] {
+            b.push_str(key);
+            b.push_str(value);
+        }
+        self
+    }
+
     /// Adds tags already escaped, made by [`tag_set`].
     pub fn tags(self, escaped: &str) -> Self {
         debug_assert_eq!(self.fields, 0, "tags go before fields");
@@ -260,6 +278,41 @@ fn push_int(out: &mut String, v: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_tags_are_the_escaped_tag_set() {
+        let d = crate::registry::Device {
+            id: calwatch_protocol::Id::new("HS-MTR-0007").unwrap(),
+            kind: crate::registry::DeviceKind::EnergyMeter,
+            owner: calwatch_protocol::Id::new("works.2_a").unwrap(),
+            site: calwatch_protocol::Id::new("plant-1").unwrap(),
+            agent: calwatch_protocol::Id::new("a").unwrap(),
+            model: Default::default(),
+            serial: Default::default(),
+            accuracy_class: None,
+            max: None,
+            e: None,
+            mpe_pct: None,
+            interval_s: 1,
+            reference_device: None,
+            certificates: Vec::new(),
+        };
+        let mut a = LineBuffer::new();
+        a.point("reading").device_tags(&d).int("seq", 1).finish(5);
+        let mut b = LineBuffer::new();
+        let set = tag_set(&[
+            ("device", d.id.as_str()),
+            ("kind", d.kind.as_str()),
+            ("owner", d.owner.as_str()),
+            ("site", d.site.as_str()),
+        ]);
+        b.point("reading").tags(&set).int("seq", 1).finish(5);
+        assert_eq!(a.as_str(), b.as_str());
+        assert_eq!(
+            a.as_str(),
+            "reading,device=HS-MTR-0007,kind=energy_meter,owner=works.2_a,site=plant-1 seq=1i 5\n"
+        );
+    }
 
     #[test]
     fn escapes_and_types() {
