@@ -123,6 +123,157 @@ pub fn bench_fleet(dir: &Path, profile: &Path, devices: usize, prefix: &str) -> 
     (file, tables)
 }
 
+fn sh(dir: &Path, args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Test certificates made with openssl in `dir`: a CA (`ca.pem`, `ca.key`), a server
+/// certificate for 127.0.0.1 signed by it (`server.pem`, `server.key`), an unrelated second CA
+/// (`other-ca.pem`) and a client certificate for mutual TLS (`client.pem`, `client.key`).
+pub fn make_test_certs(dir: &Path) {
+    for ca in ["ca", "other-ca"] {
+        sh(
+            dir,
+            &[
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=calwatch test {ca}"),
+            ],
+        );
+    }
+    sh(
+        dir,
+        &[
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write openssl extension file");
+    sh(
+        dir,
+        &[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    // A client certificate for mutual TLS, signed by the same CA (v3, for client auth:
+    // rustls refuses v1 certificates).
+    std::fs::write(dir.join("client-ext"), "extendedKeyUsage=clientAuth\n")
+        .expect("write openssl extension file");
+    sh(
+        dir,
+        &[
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=agent-a",
+        ],
+    );
+    sh(
+        dir,
+        &[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client-ext",
+        ],
+    );
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from /proc.
+pub fn proc_cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `kB` line of /proc/`pid`/status (`VmRSS:`, `VmHWM:`), 0 when absent.
+pub fn proc_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A child process killed when dropped; its stderr goes to a log file in the test dir.
 pub struct Proc {
     pub name: String,

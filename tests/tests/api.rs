@@ -156,11 +156,9 @@ impl Api {
                 let owner = owner.clone();
                 async move {
                     let (s, body) = api
-                        .call(
-                            Method::GET,
+                        .get(
                             &format!("/api/alerts?owner={owner}"),
-                            Some(&api.tokens.supervisor),
-                            None,
+                            &api.tokens.supervisor,
                         )
                         .await;
                     (s == 200 && body["total"].as_u64().unwrap_or(0) >= 4).then_some(())
@@ -185,6 +183,34 @@ impl Api {
     ) -> (StatusCode, Json) {
         let (s, text) = self.call_text(method, path, token, body).await;
         (s, serde_json::from_str(&text).unwrap_or(Json::String(text)))
+    }
+
+    /// GETs `path` with `token`.
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Json) {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    /// POSTs CSV text with `token`.
+    async fn post_csv(&self, path: &str, token: &str, csv: String) -> (StatusCode, Json) {
+        self.call(
+            Method::POST,
+            path,
+            Some(token),
+            Some(("text/csv", csv.into_bytes())),
+        )
+        .await
+    }
+
+    /// POSTs `value` as JSON with `token`.
+    async fn post_json(&self, path: &str, token: &str, value: &Json) -> (StatusCode, Json) {
+        let body = serde_json::to_vec(value).unwrap();
+        self.call(
+            Method::POST,
+            path,
+            Some(token),
+            Some(("application/json", body)),
+        )
+        .await
     }
 
     async fn call_text(
@@ -298,11 +324,9 @@ async fn api_authorization_matrix() {
     let a_cheat = api.a.device(Fault::Cheating).id.clone();
     // The alert acknowledged in the matrix: one of owner A's.
     let (_, alerts) = api
-        .call(
-            Method::GET,
+        .get(
             &format!("/api/alerts?owner={}&state=active", api.a.owner),
-            Some(&api.tokens.supervisor),
-            None,
+            &api.tokens.supervisor,
         )
         .await;
     let alert_id = alerts["items"][0]["id"].as_str().unwrap().to_string();
@@ -520,9 +544,7 @@ async fn api_authorization_matrix() {
     assert_eq!(checked, cases.len() * CALLERS.len());
     // Coverage of an owner is its own rows only, with the 92 % target.
     for (tok, fleet) in [(&api.tokens.owner_a, &api.a), (&api.tokens.owner_b, &api.b)] {
-        let (s, body) = api
-            .call(Method::GET, "/api/coverage?by=owner", Some(tok), None)
-            .await;
+        let (s, body) = api.get("/api/coverage?by=owner", tok).await;
         assert_eq!(s, 200);
         let keys: Vec<&str> = body["items"]
             .as_array()
@@ -535,12 +557,7 @@ async fn api_authorization_matrix() {
     }
     // An owner's device list is its own devices, all of them.
     let (_, body) = api
-        .call(
-            Method::GET,
-            "/api/devices?limit=1000",
-            Some(&api.tokens.owner_b),
-            None,
-        )
+        .get("/api/devices?limit=1000", &api.tokens.owner_b)
         .await;
     let ids: BTreeSet<&str> = body["items"]
         .as_array()
@@ -568,18 +585,15 @@ async fn api_owner_cannot_record_certificates() {
     let api = Api::start(&svc, "apic").await;
     let overdue = api.a.device(Fault::Overdue).id.clone();
     let path = format!("/api/devices/{overdue}");
-    let (_, before) = api
-        .call(Method::GET, &path, Some(&api.tokens.supervisor), None)
-        .await;
+    let (_, before) = api.get(&path, &api.tokens.supervisor).await;
     assert_eq!(before["vstate"], "overdue", "{before}");
     // The owner extends valid_until of its own overdue scale: refused, audited.
     let extend = json!({"certificate": "FORGED-1", "verified_at": "2026-11-01", "valid_until": "2030-01-01", "result": "pass"});
     let (s, body) = api
-        .call(
-            Method::POST,
+        .post_json(
             &format!("{path}/verifications"),
-            Some(&api.tokens.owner_a),
-            Some(("application/json", serde_json::to_vec(&extend).unwrap())),
+            &api.tokens.owner_a,
+            &extend,
         )
         .await;
     assert_eq!(s, 403, "{body}");
@@ -587,24 +601,16 @@ async fn api_owner_cannot_record_certificates() {
         "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\n{overdue},FORGED-2,2026-11-01,2030-01-01,pass,me,,\n"
     );
     let (s, body) = api
-        .call(
-            Method::POST,
-            "/api/import/verifications",
-            Some(&api.tokens.owner_a),
-            Some(("text/csv", csv.into_bytes())),
-        )
+        .post_csv("/api/import/verifications", &api.tokens.owner_a, csv)
         .await;
     assert_eq!(s, 403, "{body}");
     // Registering its device again with another owner's id (to hand it over) is refused too.
     let (s, _) = api
-        .call(Method::POST, "/api/devices", Some(&api.tokens.owner_a), Some(("application/json",
-            serde_json::to_vec(&json!({"id": overdue, "kind": "scale", "owner": api.b.owner, "site": api.a.site, "agent": api.a.agent_a,
-                "model": "m", "serial": "s", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60})).unwrap())))
+        .post_json("/api/devices", &api.tokens.owner_a, &json!({"id": overdue, "kind": "scale", "owner": api.b.owner, "site": api.a.site, "agent": api.a.agent_a,
+                "model": "m", "serial": "s", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60}))
         .await;
     assert_eq!(s, 403);
-    let (_, after) = api
-        .call(Method::GET, &path, Some(&api.tokens.supervisor), None)
-        .await;
+    let (_, after) = api.get(&path, &api.tokens.supervisor).await;
     assert_eq!(
         after["certificates"], before["certificates"],
         "nothing recorded"
@@ -637,11 +643,10 @@ async fn api_owner_cannot_record_certificates() {
     let cert = json!({"certificate": "REVERIFY-1", "verified_at": iso_date(now_ms() - DAY), "valid_until": iso_date(now_ms() + 365 * DAY),
                       "result": "pass", "event_counter": 4, "k_factor": null});
     let (s, body) = api
-        .call(
-            Method::POST,
+        .post_json(
             &format!("{path}/verifications"),
-            Some(&api.tokens.verifier),
-            Some(("application/json", serde_json::to_vec(&cert).unwrap())),
+            &api.tokens.verifier,
+            &cert,
         )
         .await;
     assert_eq!(s, 201, "{body}");
@@ -650,11 +655,10 @@ async fn api_owner_cannot_record_certificates() {
     // A certificate under another verifier's name is refused.
     let other = json!({"certificate": "REVERIFY-2", "verified_at": "2026-11-01", "valid_until": "2027-11-01", "result": "pass", "verifier": "someone-else"});
     let (s, body) = api
-        .call(
-            Method::POST,
+        .post_json(
             &format!("{path}/verifications"),
-            Some(&api.tokens.verifier),
-            Some(("application/json", serde_json::to_vec(&other).unwrap())),
+            &api.tokens.verifier,
+            &other,
         )
         .await;
     assert_eq!(s, 422, "{body}");
@@ -697,11 +701,10 @@ async fn api_csv_import_and_registration() {
         api.a.agent_a
     );
     let (s, body) = api
-        .call(
-            Method::POST,
+        .post_csv(
             "/api/import/devices?name=market.csv",
-            Some(&api.tokens.admin),
-            Some(("text/csv", bad.into_bytes())),
+            &api.tokens.admin,
+            bad,
         )
         .await;
     assert_eq!(s, 422, "{body}");
@@ -713,34 +716,19 @@ async fn api_csv_import_and_registration() {
         "{body}"
     );
     let (s, _) = api
-        .call(
-            Method::GET,
-            &format!("/api/devices/{tag}-IMP-1"),
-            Some(&api.tokens.admin),
-            None,
-        )
+        .get(&format!("/api/devices/{tag}-IMP-1"), &api.tokens.admin)
         .await;
     assert_eq!(s, 404, "all or nothing");
     // The owner's own rows: imported; a row of another owner in its file: refused whole.
     let good = format!("{header}{}{}", row(1, &api.a.owner), row(2, &api.a.owner));
     let (s, body) = api
-        .call(
-            Method::POST,
-            "/api/import/devices",
-            Some(&api.tokens.owner_a),
-            Some(("text/csv", good.into_bytes())),
-        )
+        .post_csv("/api/import/devices", &api.tokens.owner_a, good)
         .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["imported"], 2);
     let mixed = format!("{header}{}{}", row(3, &api.a.owner), row(4, &api.b.owner));
     let (s, body) = api
-        .call(
-            Method::POST,
-            "/api/import/devices",
-            Some(&api.tokens.owner_a),
-            Some(("text/csv", mixed.into_bytes())),
-        )
+        .post_csv("/api/import/devices", &api.tokens.owner_a, mixed)
         .await;
     assert_eq!(s, 403, "{body}");
     assert!(
@@ -748,12 +736,7 @@ async fn api_csv_import_and_registration() {
         "{body}"
     );
     let (s, _) = api
-        .call(
-            Method::GET,
-            &format!("/api/devices/{tag}-IMP-3"),
-            Some(&api.tokens.admin),
-            None,
-        )
+        .get(&format!("/api/devices/{tag}-IMP-3"), &api.tokens.admin)
         .await;
     assert_eq!(s, 404, "all or nothing");
     // Certificates for the new devices by the verifier; the device shows them at once.
@@ -761,38 +744,22 @@ async fn api_csv_import_and_registration() {
         "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\n{tag}-IMP-1,C-1,2026-06-01,2027-06-01,pass,vera-verifier,,\n{tag}-IMP-2,C-2,2025-01-01,2026-01-01,pass,vera-verifier,,\n"
     );
     let (s, body) = api
-        .call(
-            Method::POST,
-            "/api/import/verifications",
-            Some(&api.tokens.verifier),
-            Some(("text/csv", certs.into_bytes())),
-        )
+        .post_csv("/api/import/verifications", &api.tokens.verifier, certs)
         .await;
     assert_eq!(s, 200, "{body}");
     let (_, d1) = api
-        .call(
-            Method::GET,
-            &format!("/api/devices/{tag}-IMP-1"),
-            Some(&api.tokens.owner_a),
-            None,
-        )
+        .get(&format!("/api/devices/{tag}-IMP-1"), &api.tokens.owner_a)
         .await;
     assert_eq!(d1["vstate"], "valid", "{d1}");
     assert_eq!(d1["certificate"]["certificate"], "C-1");
     let (_, d2) = api
-        .call(
-            Method::GET,
-            &format!("/api/devices/{tag}-IMP-2"),
-            Some(&api.tokens.owner_a),
-            None,
-        )
+        .get(&format!("/api/devices/{tag}-IMP-2"), &api.tokens.owner_a)
         .await;
     assert_eq!(d2["vstate"], "overdue", "{d2}");
     // Registered through the API, a device's readings are checked at once (no restart).
     let (s, body) = api
-        .call(Method::POST, "/api/devices", Some(&api.tokens.owner_a), Some(("application/json",
-            serde_json::to_vec(&json!({"id": format!("{tag}-API-1"), "kind": "scale", "site": api.a.site, "agent": api.a.agent_a,
-                "model": "FT-112", "serial": "X1", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60})).unwrap())))
+        .post_json("/api/devices", &api.tokens.owner_a, &json!({"id": format!("{tag}-API-1"), "kind": "scale", "site": api.a.site, "agent": api.a.agent_a,
+                "model": "FT-112", "serial": "X1", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60}))
         .await;
     assert_eq!(s, 201, "{body}");
     assert_eq!(
@@ -819,11 +786,9 @@ async fn api_csv_import_and_registration() {
         .await;
     let raised = eventually(Duration::from_secs(15), || async {
         let (_, b) = api
-            .call(
-                Method::GET,
+            .get(
                 &format!("/api/alerts?device={tag}-API-1"),
-                Some(&api.tokens.owner_a),
-                None,
+                &api.tokens.owner_a,
             )
             .await;
         b["items"]
@@ -950,14 +915,12 @@ async fn api_alert_stream_replays_and_acks() {
     assert_eq!(replayed[0]["state"], "acknowledged");
     // The alert list agrees, and the audit log names the supervisor.
     let (_, list) = api
-        .call(
-            Method::GET,
+        .get(
             &format!(
                 "/api/alerts?state=acknowledged&owner={}",
                 target["owner"].as_str().unwrap()
             ),
-            Some(&api.tokens.supervisor),
-            None,
+            &api.tokens.supervisor,
         )
         .await;
     assert!(
@@ -1130,9 +1093,7 @@ async fn api_fuzzed_requests_never_fail_the_server() {
     }
     eprintln!("{n} fuzzed requests, statuses {statuses:?}");
     // Still serving, and the registry untouched by the noise.
-    let (s, me) = api
-        .call(Method::GET, "/api/me", Some(&api.tokens.supervisor), None)
-        .await;
+    let (s, me) = api.get("/api/me", &api.tokens.supervisor).await;
     assert_eq!((s.as_u16(), me["role"].as_str()), (200, Some("supervisor")));
     assert!(
         !api.gw.log_text().contains("panicked"),
@@ -1264,9 +1225,8 @@ async fn api_console_in_chromium() {
     let tag = &api.a.tag;
     let dev = format!("{tag}-LIVE-1");
     let (s, body) = api
-        .call(Method::POST, "/api/devices", Some(&api.tokens.admin), Some(("application/json",
-            serde_json::to_vec(&json!({"id": dev, "kind": "scale", "owner": api.a.owner, "site": api.a.site, "agent": api.a.agent_a,
-                "model": "FT-112", "serial": "L1", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60})).unwrap())))
+        .post_json("/api/devices", &api.tokens.admin, &json!({"id": dev, "kind": "scale", "owner": api.a.owner, "site": api.a.site, "agent": api.a.agent_a,
+                "model": "FT-112", "serial": "L1", "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60}))
         .await;
     assert_eq!(s, 201, "{body}");
     let mqtt = Mqtt::connect(&svc.mqtt_addr, &format!("apib-pub-{}", std::process::id())).await;
@@ -1327,12 +1287,7 @@ async fn api_console_in_chromium() {
     }
     assert_eq!(state, Some(json!("acknowledged")), "page shows the ack");
     let (_, list) = api
-        .call(
-            Method::GET,
-            &format!("/api/alerts?device={dev}"),
-            Some(&api.tokens.supervisor),
-            None,
-        )
+        .get(&format!("/api/alerts?device={dev}"), &api.tokens.supervisor)
         .await;
     let a = list["items"]
         .as_array()
@@ -1410,66 +1365,7 @@ async fn api_console_in_chromium() {
 async fn api_https_with_a_configured_certificate() {
     let Some(svc) = Services::get() else { return };
     let dir = svc.test_dir("apihttps");
-    let sh = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=calwatch test CA",
-    ]);
-    sh(&[
-        "openssl",
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    sh(&[
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
+    calwatch_tests::make_test_certs(&dir);
     let port = calwatch_tests::free_port();
     let toml = dir.join("gateway.toml");
     std::fs::write(

@@ -559,47 +559,7 @@ async fn import_devices(
     q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let p = principal(&st, &headers)?;
-    if !allowed(p.role, Action::ImportDevices) {
-        let why = format!("a {} token may not import devices", p.role.as_str());
-        return Err(deny(
-            &st,
-            &p,
-            "device.import",
-            "devices.csv",
-            &format!("{} bytes", body.len()),
-            why,
-        )
-        .await);
-    }
-    let file = import_name(query(q)?.name, "devices.csv")?;
-    let text = csv_text(&headers, &body)?;
-    let (actor, scope) = (p.actor(), p.scope().cloned());
-    let result = ask(&st, |reply| Command::Register {
-        input: Input::Csv {
-            file: file.clone(),
-            text,
-        },
-        scope,
-        actor,
-        reply,
-    })
-    .await?;
-    match result {
-        Ok(ids) => {
-            Ok(Json(serde_json::json!({"imported": ids.len(), "file": file})).into_response())
-        }
-        Err(Refusal::Forbidden(why)) => Err(deny(
-            &st,
-            &p,
-            "device.import",
-            &file,
-            &format!("{} bytes", body.len()),
-            why,
-        )
-        .await),
-        Err(r) => Err(refusal(r)),
-    }
+    import(&st, &headers, q, &body, ImportKind::Devices).await
 }
 
 async fn import_verifications(
@@ -608,38 +568,78 @@ async fn import_verifications(
     q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let p = principal(&st, &headers)?;
-    if !allowed(p.role, Action::ImportVerifications) {
-        let why = format!(
-            "a {} token may not record certificates; only verifiers do",
-            p.role.as_str()
-        );
-        return Err(deny(
-            &st,
-            &p,
+    import(&st, &headers, q, &body, ImportKind::Verifications).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ImportKind {
+    Devices,
+    Verifications,
+}
+
+/// A CSV import through the API: all or nothing, `file:line: reason` on a bad row; a
+/// refused one (role, or an owner's file naming another owner) is audited.
+async fn import(
+    st: &ApiState,
+    headers: &HeaderMap,
+    q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: &Bytes,
+    kind: ImportKind,
+) -> ApiResult<Response> {
+    let (action, audit_action, default_name) = match kind {
+        ImportKind::Devices => (Action::ImportDevices, "device.import", "devices.csv"),
+        ImportKind::Verifications => (
+            Action::ImportVerifications,
             "certificate.import",
             "verifications.csv",
-            &format!("{} bytes", body.len()),
-            why,
-        )
-        .await);
+        ),
+    };
+    let p = principal(st, headers)?;
+    let attempted = format!("{} bytes", body.len());
+    if !allowed(p.role, action) {
+        let why = match kind {
+            ImportKind::Devices => format!("a {} token may not import devices", p.role.as_str()),
+            ImportKind::Verifications => format!(
+                "a {} token may not record certificates; only verifiers do",
+                p.role.as_str()
+            ),
+        };
+        return Err(deny(st, &p, audit_action, default_name, &attempted, why).await);
     }
-    let file = import_name(query(q)?.name, "verifications.csv")?;
-    let text = csv_text(&headers, &body)?;
-    let (verifier, actor) = (p.name.clone(), p.actor());
-    let result = ask(&st, |reply| Command::Record {
-        input: Input::Csv {
-            file: file.clone(),
-            text,
-        },
-        verifier,
-        actor,
-        reply,
-    })
-    .await?;
+    let file = import_name(query(q)?.name, default_name)?;
+    let input = Input::Csv {
+        file: file.clone(),
+        text: csv_text(headers, body)?,
+    };
+    let actor = p.actor();
+    let result = match kind {
+        ImportKind::Devices => {
+            let scope = p.scope().cloned();
+            ask(st, |reply| Command::Register {
+                input,
+                scope,
+                actor,
+                reply,
+            })
+            .await?
+        }
+        ImportKind::Verifications => {
+            let verifier = p.name.clone();
+            ask(st, |reply| Command::Record {
+                input,
+                verifier,
+                actor,
+                reply,
+            })
+            .await?
+        }
+    };
     match result {
         Ok(ids) => {
             Ok(Json(serde_json::json!({"imported": ids.len(), "file": file})).into_response())
+        }
+        Err(Refusal::Forbidden(why)) => {
+            Err(deny(st, &p, audit_action, &file, &attempted, why).await)
         }
         Err(r) => Err(refusal(r)),
     }
