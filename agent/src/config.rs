@@ -451,11 +451,27 @@ mod tests {
         p
     }
 
-    fn tempdir(tag: &str) -> PathBuf {
+    /// A scratch directory removed when the test ends (also when it fails).
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = PathBuf;
+        fn deref(&self) -> &PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tempdir(tag: &str) -> TempDir {
         let d =
             std::env::temp_dir().join(format!("calwatch-agent-cfg-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 
     const PROFILE: &str = "kind = \"scale\"\nmodel = \"m\"\n[[value]]\nname = \"gross_kg\"\ntable = \"holding\"\naddress = 0\ntype = \"i32\"\n";
