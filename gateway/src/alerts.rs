@@ -74,6 +74,11 @@ impl AlertBook {
         self.open.get(&(device.clone(), kind))
     }
 
+    /// The open alert with this id.
+    pub fn get_by_id(&self, id: &str) -> Option<&OpenAlert> {
+        self.by_id.get(id).and_then(|key| self.open.get(key))
+    }
+
     /// Every open alert.
     pub fn open(&self) -> impl Iterator<Item = &OpenAlert> {
         self.open.values()

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::alerts::AckError;
 use crate::checks::{self, liveness};
-use crate::ingest::{write_alert, AgentInfo, Core, Durable, Pipeline, Slot, Stopped};
+use crate::ingest::{AgentInfo, Core, Durable, Pipeline, Slot, Stopped};
 use crate::registry::{Certificate, Device, ImportError, VState};
 use crate::sweep::{days_to_due, IN_USE_WITHIN_MS};
 
@@ -455,7 +455,6 @@ impl Pipeline {
                     let certs_changed = slot.device.certificates != fresh.certificates;
                     slot.replace_device(fresh, agent_index);
                     if certs_changed || changed.contains(&id) {
-                        let slot = self.states.get_mut(id.as_str()).expect("just seen");
                         let device = slot.device.clone();
                         let state = &mut slot.saved.state;
                         self.verdicts.clear();
@@ -472,10 +471,7 @@ impl Pipeline {
                         for v in &self.verdicts {
                             self.book.apply(&device, v, now, &mut out.events);
                         }
-                        for e in &out.events[first..] {
-                            write_alert(&mut out.lines, e, e.updated);
-                            self.metrics.alert(e.kind, e.state);
-                        }
+                        out.alert_points(first, &self.metrics);
                         if !slot.dirty {
                             slot.dirty = true;
                             self.dirty.push(id.clone());
@@ -490,10 +486,6 @@ impl Pipeline {
             }
         }
     }
-}
-
-fn source_path(name: &str) -> PathBuf {
-    PathBuf::from(name)
 }
 
 impl Core {
@@ -542,16 +534,14 @@ impl Core {
                 let result = p.book.ack(&id, &actor, now);
                 let event = match result {
                     Ok(Some(e)) => {
-                        write_alert(&mut self.out.lines, &e, e.updated);
-                        p.metrics.alert(e.kind, e.state);
                         self.out.events.push(e.clone());
+                        self.out.alert_points(self.out.events.len() - 1, &p.metrics);
                         Ok(e)
                     }
                     // Acknowledged before: the alert as it is.
                     Ok(None) => p
                         .book
-                        .open()
-                        .find(|a| a.event.id == id)
+                        .get_by_id(&id)
                         .map(|a| a.event.clone())
                         .ok_or(AckError::NotOpen(id)),
                     Err(e) => Err(e),
@@ -591,7 +581,7 @@ fn register(
 ) -> Result<Vec<Id>, Refusal> {
     let (file, parsed) = match input {
         Input::Json { object, .. } => {
-            let file = source_path("request body");
+            let file = PathBuf::from("request body");
             let mut object = object;
             if let Some(o) = scope {
                 object
@@ -605,7 +595,7 @@ fn register(
             (file, vec![(1, d)])
         }
         Input::Csv { file, text } => {
-            let file = source_path(&file);
+            let file = PathBuf::from(file);
             let parsed = p
                 .registry
                 .parse_devices(&file, &text)
@@ -653,7 +643,7 @@ fn record(
 ) -> Result<Vec<Id>, Refusal> {
     let (file, parsed) = match input {
         Input::Json { device, object } => {
-            let file = source_path("request body");
+            let file = PathBuf::from("request body");
             let device = device.unwrap_or_default();
             let mut object = object;
             match object.get("verifier") {
@@ -685,7 +675,7 @@ fn record(
             (file, vec![(1, id, cert)])
         }
         Input::Csv { file, text } => {
-            let file = source_path(&file);
+            let file = PathBuf::from(file);
             let parsed = p
                 .registry
                 .parse_verifications(&file, &text)

@@ -115,6 +115,15 @@ impl Output {
         self.events.clear();
         self.readings = 0;
     }
+
+    /// The `alert` point (at its `updated` time) and the counter of every event from index
+    /// `first` on: what each alert transition adds besides the event itself.
+    pub(crate) fn alert_points(&mut self, first: usize, metrics: &Metrics) {
+        for e in &self.events[first..] {
+            write_alert(&mut self.lines, e, e.updated);
+            metrics.alert(e.kind, e.state);
+        }
+    }
 }
 
 /// Recent readings of a watched device: (event time, values).
@@ -398,10 +407,7 @@ impl Pipeline {
             }
             p.int("seq", i64::try_from(r.seq).unwrap_or(i64::MAX))
                 .finish(r.ts);
-            for e in &out.events[first_event..] {
-                write_alert(&mut out.lines, e, e.updated);
-                m.alert(e.kind, e.state);
-            }
+            out.alert_points(first_event, m);
             kinds[kind_slot(device)] += 1;
             out.readings += 1;
         }
@@ -486,10 +492,7 @@ impl Pipeline {
             for (_, v) in &verdicts {
                 self.book.apply(device, v, now_ms, &mut out.events);
             }
-            for e in &out.events[first_event..] {
-                write_alert(&mut out.lines, e, e.updated);
-                self.metrics.alert(e.kind, e.state);
-            }
+            out.alert_points(first_event, &self.metrics);
             marked += 1;
         }
         tracing::info!(%agent, devices = marked, "agent offline (last will or stop): its devices are offline");
@@ -552,10 +555,12 @@ impl Pipeline {
                 }
             }
         };
-        for (i, id) in self.dirty.drain(..).enumerate() {
+        // The hashes follow `devices`: the dirty ids that have a slot, in order.
+        let mut hashes = last.hashes.iter();
+        for id in self.dirty.drain(..) {
             if let Some(slot) = self.states.get_mut(id.as_str()) {
                 slot.dirty = false;
-                slot.stored_hash = last.hashes.get(i).copied().unwrap_or(0);
+                slot.stored_hash = hashes.next().copied().unwrap_or(0);
             }
         }
         Ok(last)

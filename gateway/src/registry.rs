@@ -288,6 +288,7 @@ impl Registry {
         .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         crate::audit::init(&conn).map_err(db)?;
+        crate::api::auth::init(&conn).map_err(db)?;
         let mut reg = Registry {
             conn,
             path: path.to_path_buf(),
@@ -309,6 +310,7 @@ impl Registry {
         let conn = Connection::open_in_memory().map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         crate::audit::init(&conn).map_err(db)?;
+        crate::api::auth::init(&conn).map_err(db)?;
         let devices = devices
             .into_iter()
             .map(|mut d| {
@@ -490,15 +492,11 @@ impl Registry {
     ) -> Result<Device, ImportError> {
         let err = |reason: String| ImportError::whole(source, reason);
         let row = json_row(obj, &DEVICE_COLUMNS).map_err(err)?;
-        let d = parse_device(&row).map_err(err)?;
-        let parsed = vec![(1, d)];
+        let parsed = [(1, parse_device(&row).map_err(err)?)];
         self.validate_devices(source, &parsed)
             .map_err(|e| ImportError::whole(source, e.reason))?;
-        parsed
-            .into_iter()
-            .map(|(_, d)| d)
-            .next()
-            .ok_or_else(|| err("empty".into()))
+        let [(_, d)] = parsed;
+        Ok(d)
     }
 
     fn validate_devices(&self, file: &Path, parsed: &[(u64, Device)]) -> Result<(), ImportError> {

@@ -61,10 +61,7 @@ impl Pipeline {
                 slot.dirty = true;
                 self.dirty.push(device.id.clone());
             }
-            for e in &out.events[first_event..] {
-                write_alert(&mut out.lines, e, e.updated);
-                self.metrics.alert(e.kind, e.state);
-            }
+            out.alert_points(first_event, &self.metrics);
 
             let state = &slot.saved.state;
             let vstate = device.vstate(now_ms, lead);

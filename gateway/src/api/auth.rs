@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS token (
     hash TEXT NOT NULL, created INTEGER NOT NULL, revoked INTEGER
 );";
 
+/// Creates the token table if missing (with the registry's own tables).
+pub fn init(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)
+}
+
 /// Why a token could not be made or revoked.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -146,9 +151,7 @@ pub fn create(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| TokenError::Random)?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let conn = registry.conn();
-    conn.execute_batch(SCHEMA)?;
-    let tx = conn.unchecked_transaction()?;
+    let tx = registry.conn().unchecked_transaction()?;
     let exists: bool = tx
         .prepare("SELECT 1 FROM token WHERE name = ?1")?
         .exists([name])?;
@@ -186,9 +189,7 @@ pub fn create(
 
 /// Revokes the token called `name`; false when there is none (or it was revoked already).
 pub fn revoke(registry: &mut Registry, name: &str, actor: &str) -> Result<bool, TokenError> {
-    let conn = registry.conn();
-    conn.execute_batch(SCHEMA)?;
-    let tx = conn.unchecked_transaction()?;
+    let tx = registry.conn().unchecked_transaction()?;
     let n = tx.execute(
         "UPDATE token SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
         params![name, crate::now_ms()],
@@ -221,7 +222,7 @@ impl Authenticator {
     pub fn open(path: &Path) -> Result<Authenticator, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA busy_timeout=5000;")?;
-        conn.execute_batch(SCHEMA)?;
+        init(&conn)?;
         Ok(Authenticator {
             conn: Mutex::new(conn),
         })
