@@ -33,6 +33,13 @@ use crate::id::Id;
 use crate::json::{self, reject, reject_child, Version};
 use crate::{MAX_BATCH_BYTES, MAX_READINGS, VERSION};
 
+mod scan;
+mod view;
+
+#[cfg(test)]
+pub(crate) use view::assert_decoders_agree;
+pub use view::{BatchDecoder, BatchView, ReadingRef, TextIter, ValuesRef};
+
 /// Integral values below this magnitude are written as JSON integers; they are exact in `f64`.
 const EXACT_INT_LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
 

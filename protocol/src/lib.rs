@@ -16,7 +16,7 @@ pub mod status;
 pub mod topic;
 
 pub use alert::{AlertEvent, AlertKind, AlertState, Severity, UnknownVariantError};
-pub use batch::{Reading, ReadingBatch, Value};
+pub use batch::{BatchDecoder, BatchView, Reading, ReadingBatch, ReadingRef, Value, ValuesRef};
 pub use error::{DecodeError, EncodeError, RejectReason};
 pub use id::{is_valid_id, Id, IdError};
 pub use status::{AgentState, AgentStatus, DeviceHealth, DeviceInfo, SpoolStatus};

@@ -290,3 +290,31 @@ proptest! {
         decode_all(&apply(alert.encode(), &edits));
     }
 }
+
+proptest! {
+    #[test]
+    fn the_fast_decoder_takes_every_encoded_batch_and_agrees(batch in batch()) {
+        let bytes = batch.encode().unwrap();
+        // u64 seqs beyond 18 digits go to serde; everything else is read by the scanner.
+        let long_seq = batch.readings.iter().any(|r| r.seq >= 1_000_000_000_000_000_000)
+            || batch.sent.unsigned_abs() >= 1_000_000_000_000_000_000
+            || batch.readings.iter().any(|r| r.ts.unsigned_abs() >= 1_000_000_000_000_000_000);
+        let fast = crate::batch::assert_decoders_agree(&bytes);
+        prop_assert!(fast || long_seq);
+    }
+
+    #[test]
+    fn the_fast_decoder_agrees_on_mutated_batches(batch in batch(), edits in edits()) {
+        crate::batch::assert_decoders_agree(&apply(batch.encode().unwrap(), &edits));
+    }
+
+    #[test]
+    fn the_fast_decoder_agrees_on_json_ish_text(text in r#"[\[\]{}":,0-9a-z. \-+eE]{0,200}"#) {
+        crate::batch::assert_decoders_agree(
+            format!(r#"{{"v":1,"agent":"a","sent":0,"readings":[{text}"#).as_bytes(),
+        );
+        crate::batch::assert_decoders_agree(
+            format!(r#"{{"v":1,"agent":"a","sent":0,"readings":[{{"device":"d","seq":1,"ts":0,"values":{{{text}"#).as_bytes(),
+        );
+    }
+}
