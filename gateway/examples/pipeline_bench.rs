@@ -248,23 +248,41 @@ fn main() {
     }
     let rss2 = vm_rss_kib();
 
-    // Decode alone, for comparison.
+    // Decode alone, for comparison: the gateway's decoder (borrowed, buffers reused), and
+    // serde into an owned batch (its fallback, and what every payload cost before).
+    // PIPELINE_ONLY=1 skips these, so a profile of the run shows the pipeline.
+    let compare = std::env::var_os("PIPELINE_ONLY").is_none();
+    let decode_from = if compare { agents_n } else { payloads.len() };
+    let mut decoder = calwatch_protocol::BatchDecoder::new();
     let cpu = cpu_seconds();
     let start = Instant::now();
     let mut n = 0usize;
-    for (_, payload) in &payloads[agents_n..] {
-        n += ReadingBatch::decode(payload).unwrap().readings.len();
+    for (_, payload) in &payloads[decode_from..] {
+        n += decoder.decode(payload).unwrap().len();
     }
     let decode_s = start.elapsed().as_secs_f64();
     let decode_cpu = cpu_seconds() - cpu;
+    assert_eq!(decoder.paths().1, 0, "every payload on the fast path");
+    let cpu = cpu_seconds();
+    let start = Instant::now();
+    let mut owned = 0usize;
+    for (_, payload) in &payloads[decode_from..] {
+        owned += ReadingBatch::decode(payload).unwrap().readings.len();
+    }
+    let serde_s = start.elapsed().as_secs_f64();
+    let serde_cpu = cpu_seconds() - cpu;
+    assert_eq!(owned, n);
 
+    let (decode0, check0) = (metrics.decode_latency.sum(), metrics.check_latency.sum());
     let cpu = cpu_seconds();
     let start = Instant::now();
     let mut lines = 0usize;
     let mut line_bytes = 0usize;
     let mut events = 0usize;
+    let mut n = 0usize;
     for (topic, payload) in &payloads[agents_n..] {
         pipeline.process(topic, payload, now, &mut out);
+        n += out.readings;
         lines += out.lines.lines();
         line_bytes += out.lines.len_bytes();
         events += out.events.len();
@@ -272,6 +290,8 @@ fn main() {
     }
     let pipeline_s = start.elapsed().as_secs_f64();
     let pipeline_cpu = cpu_seconds() - cpu;
+    let decode_in = (metrics.decode_latency.sum() - decode0).as_secs_f64();
+    let check_in = (metrics.check_latency.sum() - check0).as_secs_f64();
     let checked = metrics
         .readings_checked
         .load(std::sync::atomic::Ordering::Relaxed) as usize;
@@ -285,11 +305,21 @@ fn main() {
         n as f64 / decode_cpu
     );
     println!(
+        "  decode only, serde owned:{:>10.0} readings/s wall, {:>10.0} per CPU second",
+        n as f64 / serde_s,
+        n as f64 / serde_cpu
+    );
+    println!(
         "  decode→dedup→check→line: {:>10.0} readings/s wall, {:>10.0} per CPU second ({:.0} ns/reading of CPU, {:.0} bytes of line protocol/reading, {events} alert events)",
         n as f64 / pipeline_s,
         n as f64 / pipeline_cpu,
         pipeline_cpu * 1e9 / n as f64,
         line_bytes as f64 / n as f64
+    );
+    println!(
+        "    of which (wall, per reading): decode {:.0} ns, dedup→check→line {:.0} ns",
+        decode_in * 1e9 / n as f64,
+        check_in * 1e9 / n as f64
     );
     println!(
         "  memory per device: {:.0} bytes (registry + states built), {:.0} bytes (after every device's first reading)",

@@ -69,8 +69,7 @@ impl Pipeline {
             let mut p = out
                 .lines
                 .point("device_status")
-                .device_tags(&slot.device)
-                .tag("vstate", vstate.as_str());
+                .device_tags(&slot.device, vstate);
             if let Some(days) = days_to_due(device, now_ms) {
                 p = p.float("days_to_due", days);
             }

@@ -176,10 +176,11 @@ impl Point<'_> {
         self
     }
 
-    /// Adds the tags of a device's series: `device`, `kind`, `owner`, `site`. Ids never need
-    /// escaping (`[A-Za-z0-9._-]`), so they are copied as they are: no per-device tag string
-    /// is kept in memory and writing them costs four copies.
-    pub fn device_tags(self, d: &crate::registry::Device) -> Self {
+    /// Adds the tags of a device's series: `device`, `kind`, `owner`, `site` and `vstate`.
+    /// Ids never need escaping (`[A-Za-z0-9._-]`), nor do kinds and states, so they are
+    /// copied as they are: no per-device tag string is kept in memory and writing them costs
+    /// five copies.
+    pub fn device_tags(self, d: &crate::registry::Device, vstate: crate::registry::VState) -> Self {
         debug_assert_eq!(self.fields, 0, "tags go before fields");
         let b = &mut self.buf.buf;
         for (key, value) in [
@@ -187,6 +188,7 @@ impl Point<'_> {
             (",kind=", d.kind.as_str()),
             (",owner=", d.owner.as_str()),
             (",site=", d.site.as_str()),
+            (",vstate=", vstate.as_str()),
         ] {
             b.push_str(key);
             b.push_str(value);
@@ -211,19 +213,46 @@ impl Point<'_> {
         self.fields += 1;
     }
 
+    /// A reading's value as a field. Value names are ids (`[A-Za-z0-9._-]`, checked when the
+    /// batch was decoded), so the name is copied as it is; so is `text`, a number's own
+    /// plain-decimal text from the payload (`35.02`, `-7`: valid line protocol floats, and
+    /// the same number), else the number is formatted.
+    pub fn value(
+        mut self,
+        name: &str,
+        value: calwatch_protocol::Value,
+        text: Option<&str>,
+    ) -> Self {
+        debug_assert!(calwatch_protocol::is_valid_id(name), "{name}");
+        match value {
+            calwatch_protocol::Value::Number(x) if x.is_finite() => {
+                self.id_key(name);
+                match text {
+                    Some(text) => self.buf.buf.push_str(text),
+                    None => push_number(&mut self.buf.buf, x),
+                }
+            }
+            calwatch_protocol::Value::Number(_) => {}
+            calwatch_protocol::Value::Bool(b) => {
+                self.id_key(name);
+                self.buf.buf.push_str(if b { "true" } else { "false" });
+            }
+        }
+        self
+    }
+
+    fn id_key(&mut self, key: &str) {
+        self.buf.buf.push(if self.fields == 0 { ' ' } else { ',' });
+        self.buf.buf.push_str(key);
+        self.buf.buf.push('=');
+        self.fields += 1;
+    }
+
     /// A float field; non-finite values cannot be stored and are skipped.
     pub fn float(mut self, key: &str, value: f64) -> Self {
         if value.is_finite() {
             self.field_key(key);
-            // Integral values (counters, most set points) print as integers: no `.0`, and
-            // faster; without an `i` suffix they are still floats to the store.
-            let int = value as i64;
-            if int as f64 == value && int.unsigned_abs() < 1_000_000_000_000_000 {
-                push_int(&mut self.buf.buf, int);
-            } else {
-                let mut b = zmij::Buffer::new();
-                self.buf.buf.push_str(b.format_finite(value));
-            }
+            push_number(&mut self.buf.buf, value);
         }
         self
     }
@@ -269,6 +298,18 @@ impl Point<'_> {
     }
 }
 
+/// Appends a finite float. Integral values (counters, most set points) print as integers: no
+/// `.0`, and faster; without an `i` suffix they are still floats to the store.
+fn push_number(out: &mut String, value: f64) {
+    let int = value as i64;
+    if int as f64 == value && int.unsigned_abs() < 1_000_000_000_000_000 {
+        push_int(out, int);
+    } else {
+        let mut b = zmij::Buffer::new();
+        out.push_str(b.format_finite(value));
+    }
+}
+
 /// Appends the decimal digits of `v` (what `{v}` would write, without `fmt`).
 fn push_int(out: &mut String, v: i64) {
     let mut b = itoa::Buffer::new();
@@ -298,19 +339,23 @@ mod tests {
             certificates: Vec::new(),
         };
         let mut a = LineBuffer::new();
-        a.point("reading").device_tags(&d).int("seq", 1).finish(5);
+        a.point("reading")
+            .device_tags(&d, crate::registry::VState::Valid)
+            .int("seq", 1)
+            .finish(5);
         let mut b = LineBuffer::new();
         let set = tag_set(&[
             ("device", d.id.as_str()),
             ("kind", d.kind.as_str()),
             ("owner", d.owner.as_str()),
             ("site", d.site.as_str()),
+            ("vstate", "valid"),
         ]);
         b.point("reading").tags(&set).int("seq", 1).finish(5);
         assert_eq!(a.as_str(), b.as_str());
         assert_eq!(
             a.as_str(),
-            "reading,device=HS-MTR-0007,kind=energy_meter,owner=works.2_a,site=plant-1 seq=1i 5\n"
+            "reading,device=HS-MTR-0007,kind=energy_meter,owner=works.2_a,site=plant-1,vstate=valid seq=1i 5\n"
         );
     }
 
