@@ -1,7 +1,7 @@
 //! The registry of instruments and their verification certificates (SQLite), loaded into
 //! memory for the hot path, and the CSV import of CONTRACT §2.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -239,8 +239,34 @@ CREATE TABLE IF NOT EXISTS verification (
 pub struct Registry {
     conn: Connection,
     path: PathBuf,
-    /// Shared with ingest, which keeps each device next to its check state.
-    devices: HashMap<Id, Arc<Device>>,
+    /// Shared with ingest, which keeps each device next to its check state. A set found by
+    /// id, so the id is not kept a second time as a key (24 bytes a device).
+    devices: HashSet<Entry>,
+}
+
+/// A registered device in the registry's set: equal, hashed and borrowed as its id.
+#[derive(Debug)]
+struct Entry(Arc<Device>);
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Entry) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for Entry {}
+
+impl std::hash::Hash for Entry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so lookups by `&str` find it (the `Borrow` contract).
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Entry {
+    fn borrow(&self) -> &str {
+        self.0.id.as_str()
+    }
 }
 
 const DEVICE_COLUMNS: [&str; 13] = [
@@ -292,7 +318,7 @@ impl Registry {
         let mut reg = Registry {
             conn,
             path: path.to_path_buf(),
-            devices: HashMap::new(),
+            devices: HashSet::new(),
         };
         reg.reload()?;
         Ok(reg)
@@ -315,7 +341,7 @@ impl Registry {
             .into_iter()
             .map(|mut d| {
                 d.certificates.sort_by_key(|c| c.verified_at);
-                (d.id.clone(), Arc::new(d))
+                Entry(Arc::new(d))
             })
             .collect();
         Ok(Registry {
@@ -423,24 +449,21 @@ impl Registry {
                 d.certificates.push(cert);
             }
         }
-        self.devices = devices
-            .into_iter()
-            .map(|(id, d)| (id, Arc::new(d)))
-            .collect();
+        self.devices = devices.into_values().map(|d| Entry(Arc::new(d))).collect();
         Ok(())
     }
 
     pub fn device(&self, id: &str) -> Option<&Device> {
-        self.devices.get(id).map(|d| &**d)
+        self.devices.get(id).map(|e| &*e.0)
     }
 
     /// The shared record of a device.
     pub fn device_arc(&self, id: &str) -> Option<&Arc<Device>> {
-        self.devices.get(id)
+        self.devices.get(id).map(|e| &e.0)
     }
 
     pub fn devices(&self) -> impl Iterator<Item = &Device> {
-        self.devices.values().map(|d| &**d)
+        self.devices.iter().map(|e| &*e.0)
     }
 
     pub fn len(&self) -> usize {
@@ -515,8 +538,7 @@ impl Registry {
                         "reference_device: a device cannot be its own reference".into(),
                     ));
                 }
-                if !self.devices.contains_key(r.as_str()) && !parsed.iter().any(|(_, o)| &o.id == r)
-                {
+                if !self.devices.contains(r.as_str()) && !parsed.iter().any(|(_, o)| &o.id == r) {
                     return Err(err(format!("reference_device: unknown device {r}")));
                 }
             }
@@ -535,7 +557,7 @@ impl Registry {
         let tx = self.conn.transaction().map_err(db_err)?;
         let now = now_ms();
         for (_, d) in parsed {
-            let old = self.devices.get(d.id.as_str()).map(|d| device_json(d));
+            let old = self.devices.get(d.id.as_str()).map(|e| device_json(&e.0));
             let new = device_json(d);
             audit_change(
                 &tx,
@@ -593,7 +615,7 @@ impl Registry {
                 reason,
             };
             let (device, cert) = parse_verification(row).map_err(err)?;
-            if !self.devices.contains_key(device.as_str()) {
+            if !self.devices.contains(device.as_str()) {
                 return Err(err(format!(
                     "device: unknown device {device} (import devices.csv first)"
                 )));
@@ -618,7 +640,7 @@ impl Registry {
         let mut row = json_row(obj, &VERIFICATION_COLUMNS[1..]).map_err(err)?;
         row.insert("device", device.to_string());
         let (id, cert) = parse_verification(&row).map_err(err)?;
-        if !self.devices.contains_key(id.as_str()) {
+        if !self.devices.contains(id.as_str()) {
             return Err(err(format!("device: unknown device {id}")));
         }
         Ok(cert)
@@ -638,8 +660,8 @@ impl Registry {
             let old = self
                 .devices
                 .get(device.as_str())
-                .and_then(|d| {
-                    d.certificates
+                .and_then(|e| {
+                    e.0.certificates
                         .iter()
                         .find(|o| o.certificate == c.certificate)
                 })
