@@ -3,7 +3,7 @@
 //! certificates, acknowledgements) go through the same commit as readings, so they are
 //! durable, audited and published before the API answers.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -415,6 +415,40 @@ impl Pipeline {
             }
         }
         Some(view)
+    }
+
+    /// Picks up what another process committed to the registry (`calwatch-gateway import`
+    /// beside the running gateway): re-reads it and brings in line the devices whose records
+    /// changed, as an API change would. Returns how many changed.
+    pub(crate) fn pick_up_registry_changes(
+        &mut self,
+        now: i64,
+        out: &mut crate::ingest::Output,
+    ) -> Result<usize, crate::registry::RegistryError> {
+        if !self.registry.changed_elsewhere()? {
+            return Ok(0);
+        }
+        let before: HashMap<Id, Arc<Device>> = self
+            .registry
+            .devices()
+            .filter_map(|d| {
+                Some((
+                    d.id.clone(),
+                    self.registry.device_arc(d.id.as_str())?.clone(),
+                ))
+            })
+            .collect();
+        self.registry.reload()?;
+        let changed: Vec<Id> = self
+            .registry
+            .devices()
+            .filter(|d| before.get(d.id.as_str()).is_none_or(|b| **b != **d))
+            .map(|d| d.id.clone())
+            .collect();
+        if !changed.is_empty() {
+            self.sync_registry(&changed, now, out);
+        }
+        Ok(changed.len())
     }
 
     /// Brings the in-memory devices in line with the registry after a change of `changed`:

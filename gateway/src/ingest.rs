@@ -81,6 +81,10 @@ pub const BURST_MESSAGES: usize = 64;
 /// and 2–3 µs to commit a reading: ~15 ms of work per full burst), while the per-burst cost
 /// (two queue fsyncs, one SQLite transaction) stays small against it.
 pub const BURST_BYTES: usize = 512 << 10;
+
+/// How often the registry is asked whether another process (`calwatch-gateway import`)
+/// changed it: one `PRAGMA data_version` query, so such an import counts within seconds.
+const REGISTRY_WATCH: Duration = Duration::from_secs(2);
 /// Published alert events stay in the outbox this long, so a crash right after publishing
 /// publishes them again rather than never.
 const OUTBOX_GRACE: Duration = Duration::from_secs(3);
@@ -678,6 +682,22 @@ impl Core {
     }
 
     /// Steps 1–3 for the wall-clock sweep.
+    /// Picks up registry changes made by another process (see
+    /// [`Pipeline::pick_up_registry_changes`]).
+    fn registry_check(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
+        let now = crate::now_ms();
+        self.out.clear();
+        match self.pipeline.pick_up_registry_changes(now, &mut self.out) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                devices = n,
+                "registry changed by another process; picked up"
+            ),
+            Err(e) => tracing::warn!(error = %e, "registry not re-read; will try again"),
+        }
+        self.make_durable(now, stop)
+    }
+
     fn sweep(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
         let now = crate::now_ms();
         self.out.clear();
@@ -821,11 +841,14 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
 
     let mut sweep = tokio::time::interval(sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registry_watch = tokio::time::interval(REGISTRY_WATCH);
+    registry_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut result = Ok(());
     loop {
         enum Job {
             Burst(Vec<Publish>),
             Sweep,
+            Registry,
             Command(Option<Command>),
         }
         let job = tokio::select! {
@@ -833,6 +856,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
             _ = shutdown.changed() => break,
             // Before the messages, so a backlog cannot starve it (it is ready once a period).
             _ = sweep.tick() => Job::Sweep,
+            _ = registry_watch.tick() => Job::Registry,
             // Before the messages too: an API call waits at most one burst.
             Some(cmd) = commands.recv() => Job::Command(Some(cmd)),
             p = rx.recv() => match p {
@@ -860,6 +884,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
             let r = match &mut job {
                 Job::Burst(msgs) => c.burst(msgs, &stop_flag),
                 Job::Sweep => c.sweep(&stop_flag),
+                Job::Registry => c.registry_check(&stop_flag),
                 Job::Command(cmd) => match cmd.take() {
                     Some(cmd) => c.command(cmd, &stop_flag),
                     None => Err(Stopped),
@@ -891,7 +916,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
                     c.pipeline.metrics.bursts.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Job::Command(_) => {}
+            Job::Command(_) | Job::Registry => {}
             Job::Sweep => {
                 if let Some(c) = core.as_ref() {
                     let m = &c.pipeline.metrics;

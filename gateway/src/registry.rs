@@ -242,6 +242,8 @@ pub struct Registry {
     /// Shared with ingest, which keeps each device next to its check state. A set found by
     /// id, so the id is not kept a second time as a key (24 bytes a device).
     devices: HashSet<Entry>,
+    /// `PRAGMA data_version` when last asked: see [`Registry::changed_elsewhere`].
+    data_version: i64,
 }
 
 /// A registered device in the registry's set: equal, hashed and borrowed as its id.
@@ -319,7 +321,9 @@ impl Registry {
             conn,
             path: path.to_path_buf(),
             devices: HashSet::new(),
+            data_version: 0,
         };
+        reg.changed_elsewhere()?;
         reg.reload()?;
         Ok(reg)
     }
@@ -348,10 +352,27 @@ impl Registry {
             conn,
             path,
             devices,
+            data_version: 0,
         })
     }
 
     /// Re-reads every device and certificate from disk.
+    /// Whether another connection committed to the registry since the last call: an
+    /// `import` or `token` run beside the running gateway. (SQLite's `data_version` moves
+    /// with other connections' commits only, not with this one's.)
+    pub fn changed_elsewhere(&mut self) -> Result<bool, RegistryError> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|source| RegistryError::Db {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        let changed = v != self.data_version;
+        self.data_version = v;
+        Ok(changed)
+    }
+
     pub fn reload(&mut self) -> Result<(), RegistryError> {
         let path = self.path.display().to_string();
         let db = |source| RegistryError::Db {
@@ -1069,6 +1090,27 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
         let r = Registry::open(&path).unwrap();
         assert_eq!(r.len(), 4);
         assert_eq!(r.device("S-1").unwrap().certificates.len(), 2);
+    }
+
+    #[test]
+    fn changes_by_another_connection_are_noticed_and_own_ones_are_not() {
+        let mut r = registry("elsewhere");
+        assert!(!r.changed_elsewhere().unwrap(), "nothing since opening");
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
+        assert!(!r.changed_elsewhere().unwrap(), "its own import");
+        let mut other = Registry::open(&r.path).unwrap();
+        let v = "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor
+S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
+";
+        other
+            .import_verifications(Path::new("v.csv"), v, "cli")
+            .unwrap();
+        assert!(r.changed_elsewhere().unwrap(), "another process's import");
+        assert!(!r.changed_elsewhere().unwrap(), "asked once per change");
+        assert!(r.device("S-1").unwrap().certificates.is_empty());
+        r.reload().unwrap();
+        assert_eq!(r.device("S-1").unwrap().certificates.len(), 1);
     }
 
     #[test]

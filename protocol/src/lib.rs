@@ -2,9 +2,11 @@
 //! and alert events, with their limits.
 //!
 //! Both ends of the wire use these types, so a payload the agent encodes is exactly what the
-//! gateway decodes. Decoding is the gateway's hottest path: the happy path is a single
-//! `serde_json` pass into hand-written visitors; only a rejected payload pays for a second pass
-//! that finds the offending field and its [`RejectReason`].
+//! gateway decodes. Decoding is the gateway's hottest path: [`BatchDecoder`] reads batches as
+//! agents write them in one pass, borrowing names from the payload; anything else it hands to
+//! the serde decoder ([`ReadingBatch::decode`]: one `serde_json` pass into hand-written
+//! visitors), which is also the reference the fast path is tested against. Only a rejected
+//! payload pays for a further pass that finds the offending field and its [`RejectReason`].
 #![forbid(unsafe_code)]
 
 pub mod alert;

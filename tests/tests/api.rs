@@ -801,6 +801,44 @@ async fn api_csv_import_and_registration() {
         raised["severity"], "critical",
         "in use unverified: {raised}"
     );
+    // A certificate imported with the CLI beside the running gateway counts within seconds,
+    // no restart.
+    let dir = api.toml.parent().unwrap();
+    let devices = dir.join("cli-devices.csv");
+    std::fs::write(&devices, header).unwrap();
+    let csv = dir.join("cli-verifications.csv");
+    std::fs::write(
+        &csv,
+        format!("device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\n{tag}-API-1,C-CLI,2026-01-01,2099-01-01,pass,vera-verifier,,\n"),
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(
+        &bin("calwatch-gateway"),
+        &[
+            "import",
+            "--config",
+            api.toml.to_str().unwrap(),
+            devices.to_str().unwrap(),
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let seen = eventually(Duration::from_secs(15), || async {
+        let (_, d) = api
+            .get(&format!("/api/devices/{tag}-API-1"), &api.tokens.owner_a)
+            .await;
+        (d["vstate"] == "valid" && d["certificate"]["certificate"] == "C-CLI").then_some(d)
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "CLI import not picked up\n{}",
+        api.gw.log_text()
+    );
+    assert!(api
+        .gw
+        .log_text()
+        .contains("registry changed by another process; picked up"));
     // Audited: the admin's refused import is not there, the owner's rows are.
     let audit = api.audit();
     assert!(audit.iter().any(|e| e["action"] == "device.register"
