@@ -425,18 +425,13 @@ impl Pipeline {
         now: i64,
         out: &mut crate::ingest::Output,
     ) -> Result<usize, crate::registry::RegistryError> {
-        if !self.registry.changed_elsewhere()? {
+        if !self.registry.changed_on_disk()? {
             return Ok(0);
         }
         let before: HashMap<Id, Arc<Device>> = self
             .registry
-            .devices()
-            .filter_map(|d| {
-                Some((
-                    d.id.clone(),
-                    self.registry.device_arc(d.id.as_str())?.clone(),
-                ))
-            })
+            .device_arcs()
+            .map(|d| (d.id.clone(), d.clone()))
             .collect();
         self.registry.reload()?;
         let changed: Vec<Id> = self

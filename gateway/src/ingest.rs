@@ -83,8 +83,9 @@ pub const BURST_MESSAGES: usize = 64;
 pub const BURST_BYTES: usize = 512 << 10;
 
 /// How often the registry is asked whether another process (`calwatch-gateway import`)
-/// changed it: one `PRAGMA data_version` query, so such an import counts within seconds.
+/// changed it: one single-row query, so such an import counts within seconds.
 const REGISTRY_WATCH: Duration = Duration::from_secs(2);
+
 /// Published alert events stay in the outbox this long, so a crash right after publishing
 /// publishes them again rather than never.
 const OUTBOX_GRACE: Duration = Duration::from_secs(3);
@@ -255,12 +256,10 @@ impl Pipeline {
         // Slots are allocated in the order agents' batches name devices (by agent, then id,
         // as most agents poll them), so the states of one batch lie close together in
         // memory rather than scattered in the registry's hash order.
-        let mut order: Vec<&Device> = registry.devices().collect();
+        let mut order: Vec<&Arc<Device>> = registry.device_arcs().collect();
         order.sort_unstable_by(|a, b| (&a.agent, &a.id).cmp(&(&b.agent, &b.id)));
-        for d in order {
-            let Some(device) = registry.device_arc(d.id.as_str()) else {
-                continue;
-            };
+        for device in order {
+            let d: &Device = device;
             let next = u32::try_from(agents.len()).unwrap_or(u32::MAX);
             let info = agents.entry(d.agent.clone()).or_insert_with(|| AgentInfo {
                 index: next,
@@ -681,8 +680,7 @@ impl Core {
         self.make_durable(now, stop)
     }
 
-    /// Steps 1–3 for the wall-clock sweep.
-    /// Picks up registry changes made by another process (see
+    /// Steps 1–3 for registry changes made by another process (see
     /// [`Pipeline::pick_up_registry_changes`]).
     fn registry_check(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
         let now = crate::now_ms();
@@ -698,6 +696,7 @@ impl Core {
         self.make_durable(now, stop)
     }
 
+    /// Steps 1–3 for the wall-clock sweep.
     fn sweep(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
         let now = crate::now_ms();
         self.out.clear();

@@ -233,7 +233,17 @@ CREATE TABLE IF NOT EXISTS verification (
     verifier TEXT NOT NULL, event_counter REAL, k_factor REAL,
     PRIMARY KEY (device, certificate)
 );
+-- Bumped by every write to the two tables above, so a running gateway sees that another
+-- process (an import) changed them; the state store shares the file, so SQLite's own
+-- data_version, which moves with any commit, cannot tell.
+CREATE TABLE IF NOT EXISTS registry_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO registry_generation (id, n) VALUES (1, 0);
 ";
+
+/// Marks a write to devices or certificates (inside its transaction).
+const BUMP_GENERATION: &str = "UPDATE registry_generation SET n = n + 1 WHERE id = 1";
 
 /// The registry: SQLite on disk, a map in memory.
 pub struct Registry {
@@ -242,8 +252,8 @@ pub struct Registry {
     /// Shared with ingest, which keeps each device next to its check state. A set found by
     /// id, so the id is not kept a second time as a key (24 bytes a device).
     devices: HashSet<Entry>,
-    /// `PRAGMA data_version` when last asked: see [`Registry::changed_elsewhere`].
-    data_version: i64,
+    /// The `registry_generation` the devices in memory were read at.
+    generation: i64,
 }
 
 /// A registered device in the registry's set: equal, hashed and borrowed as its id.
@@ -321,9 +331,8 @@ impl Registry {
             conn,
             path: path.to_path_buf(),
             devices: HashSet::new(),
-            data_version: 0,
+            generation: 0,
         };
-        reg.changed_elsewhere()?;
         reg.reload()?;
         Ok(reg)
     }
@@ -352,25 +361,27 @@ impl Registry {
             conn,
             path,
             devices,
-            data_version: 0,
+            generation: 0,
         })
     }
 
     /// Re-reads every device and certificate from disk.
-    /// Whether another connection committed to the registry since the last call: an
-    /// `import` or `token` run beside the running gateway. (SQLite's `data_version` moves
-    /// with other connections' commits only, not with this one's.)
-    pub fn changed_elsewhere(&mut self) -> Result<bool, RegistryError> {
-        let v: i64 = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
+    /// Whether the devices or certificates on disk changed since they were read into memory,
+    /// by another process (an `import` beside the running gateway): then [`Registry::reload`]
+    /// catches up. This one's own writes reload as they commit, so they do not count.
+    pub fn changed_on_disk(&self) -> Result<bool, RegistryError> {
+        Ok(self.generation_on_disk()? != self.generation)
+    }
+
+    fn generation_on_disk(&self) -> Result<i64, RegistryError> {
+        self.conn
+            .query_row("SELECT n FROM registry_generation WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .map_err(|source| RegistryError::Db {
                 path: self.path.display().to_string(),
                 source,
-            })?;
-        let changed = v != self.data_version;
-        self.data_version = v;
-        Ok(changed)
+            })
     }
 
     pub fn reload(&mut self) -> Result<(), RegistryError> {
@@ -383,6 +394,8 @@ impl Registry {
             path: path.clone(),
             detail,
         };
+        // Read first: a write landing during the reload shows as a change next time.
+        let generation = self.generation_on_disk()?;
         let mut devices = HashMap::new();
         let mut stmt = self
             .conn
@@ -471,6 +484,7 @@ impl Registry {
             }
         }
         self.devices = devices.into_values().map(|d| Entry(Arc::new(d))).collect();
+        self.generation = generation;
         Ok(())
     }
 
@@ -485,6 +499,11 @@ impl Registry {
 
     pub fn devices(&self) -> impl Iterator<Item = &Device> {
         self.devices.iter().map(|e| &*e.0)
+    }
+
+    /// The shared records of all devices.
+    pub fn device_arcs(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.iter().map(|e| &e.0)
     }
 
     pub fn len(&self) -> usize {
@@ -604,6 +623,7 @@ impl Registry {
             )
             .map_err(db_err)?;
         }
+        tx.execute(BUMP_GENERATION, []).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         self.reload()
             .map_err(|e| ImportError::whole(file, e.to_string()))?;
@@ -711,6 +731,7 @@ impl Registry {
             )
             .map_err(db_err)?;
         }
+        tx.execute(BUMP_GENERATION, []).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         self.reload()
             .map_err(|e| ImportError::whole(file, e.to_string()))?;
@@ -1095,10 +1116,22 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
     #[test]
     fn changes_by_another_connection_are_noticed_and_own_ones_are_not() {
         let mut r = registry("elsewhere");
-        assert!(!r.changed_elsewhere().unwrap(), "nothing since opening");
+        assert!(!r.changed_on_disk().unwrap(), "nothing since opening");
         r.import_devices(Path::new("devices.csv"), DEVICES, "test")
             .unwrap();
-        assert!(!r.changed_elsewhere().unwrap(), "its own import");
+        assert!(!r.changed_on_disk().unwrap(), "its own import");
+        // The state store shares the file; its commits are not registry changes.
+        let mut store = crate::store::StateStore::open(&r.path).unwrap();
+        let (id, saved) = (
+            Id::new("S-1").unwrap(),
+            crate::store::SavedDevice::default(),
+        );
+        let mut commit = crate::store::Commit::default();
+        commit.devices.push((&id, &saved, 0));
+        store.commit(&commit, 0).unwrap();
+        r.audit_denied("t", "device.import", "x", "{}", "test")
+            .unwrap();
+        assert!(!r.changed_on_disk().unwrap(), "state and audit commits");
         let mut other = Registry::open(&r.path).unwrap();
         let v = "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor
 S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
@@ -1106,10 +1139,10 @@ S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
         other
             .import_verifications(Path::new("v.csv"), v, "cli")
             .unwrap();
-        assert!(r.changed_elsewhere().unwrap(), "another process's import");
-        assert!(!r.changed_elsewhere().unwrap(), "asked once per change");
+        assert!(r.changed_on_disk().unwrap(), "another process's import");
         assert!(r.device("S-1").unwrap().certificates.is_empty());
         r.reload().unwrap();
+        assert!(!r.changed_on_disk().unwrap(), "caught up");
         assert_eq!(r.device("S-1").unwrap().certificates.len(), 1);
     }
 
