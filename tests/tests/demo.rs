@@ -37,10 +37,19 @@ async fn demo_runs_90s_and_raises_exactly_the_expected_alerts() {
             &(RUN_S + 30).to_string(),
         ],
     );
-    let line = demo.wait_stdout_line("supervisor token", Duration::from_secs(60));
-    let token = line.split_whitespace().last().unwrap().to_string();
+    // The console's address as the banner prints it: the demo falls back to a free port when
+    // the one asked for was taken meanwhile (another test may have bound it).
+    let line = demo.wait_stdout_line("#token=", Duration::from_secs(60));
+    let (url, token) = line
+        .split_whitespace()
+        .last()
+        .and_then(|u| u.split_once("#token="))
+        .unwrap_or_else(|| panic!("no console URL in {line}"));
+    let (base, token) = (url.trim_end_matches('/').to_string(), token.to_string());
     assert!(token.starts_with("cw_"), "{line}");
-    let base = format!("http://127.0.0.1:{port}");
+    if base != format!("http://127.0.0.1:{port}") {
+        eprintln!("port {port} was taken meanwhile; the demo serves on {base}");
+    }
     let http = reqwest::Client::new();
     let get = |path: &str| {
         let req = http.get(format!("{base}{path}")).bearer_auth(&token);
