@@ -39,6 +39,7 @@ impl Id {
     }
 
     /// The name as text, e.g. for a topic or a tag.
+    #[inline]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -67,12 +68,14 @@ impl FromStr for Id {
 }
 
 impl AsRef<str> for Id {
+    #[inline]
     fn as_ref(&self) -> &str {
         &self.0
     }
 }
 
 impl Borrow<str> for Id {
+    #[inline]
     fn borrow(&self) -> &str {
         &self.0
     }

@@ -43,6 +43,7 @@ enum Values<'a> {
 
 impl<'a> ValuesRef<'a> {
     /// The values, in the order sent.
+    #[inline]
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&'a str, Value)> + 'a {
         // Either side is empty, so one chain serves both forms without boxing.
         let (spans, owned, text) = match self.0 {
@@ -57,6 +58,7 @@ impl<'a> ValuesRef<'a> {
     }
 
     /// How many values.
+    #[inline]
     pub fn len(&self) -> usize {
         match self.0 {
             Values::Spans { items, .. } => items.len(),
@@ -73,6 +75,7 @@ impl<'a> ValuesRef<'a> {
     /// decimals (`35.02`, `-7`, not `1e3`): a writer of text formats can copy it rather than
     /// format the number again. `None` for bools, other numbers, and values not decoded
     /// from a payload.
+    #[inline]
     pub fn iter_with_text(&self) -> TextIter<'a> {
         let (spans, owned, text) = match self.0 {
             Values::Spans { text, items } => (items, &[][..], text),
@@ -86,6 +89,7 @@ impl<'a> ValuesRef<'a> {
     }
 
     /// The value called `name`, if there is one.
+    #[inline]
     pub fn get(&self, name: &str) -> Option<Value> {
         self.iter().find(|&(n, _)| n == name).map(|(_, v)| v)
     }
@@ -118,6 +122,7 @@ struct Iter<'a> {
 impl<'a> Iterator for Iter<'a> {
     type Item = (&'a str, Value);
 
+    #[inline]
     fn next(&mut self) -> Option<(&'a str, Value)> {
         if let Some(v) = self.spans.next() {
             // The scanner recorded spans of ASCII ids, inside `text`.
@@ -140,6 +145,7 @@ pub struct TextIter<'a>(Iter<'a>);
 impl<'a> Iterator for TextIter<'a> {
     type Item = (&'a str, Value, Option<&'a str>);
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let it = &mut self.0;
         if let Some(v) = it.spans.next() {
@@ -164,6 +170,7 @@ impl<'a> Iterator for TextIter<'a> {
 
 impl Reading {
     /// This reading as a [`ReadingRef`], the form the gateway's checks take.
+    #[inline]
     pub fn view(&self) -> ReadingRef<'_> {
         ReadingRef {
             device: self.device.as_str(),
@@ -228,6 +235,7 @@ enum Readings<'a> {
 
 impl<'a> BatchView<'a> {
     /// How many readings.
+    #[inline]
     pub fn len(&self) -> usize {
         match self.readings {
             Readings::Spans { readings, .. } => readings.len(),
@@ -241,6 +249,7 @@ impl<'a> BatchView<'a> {
     }
 
     /// The reading at `i` (in the order sent), if there is one.
+    #[inline]
     pub fn get(&self, i: usize) -> Option<ReadingRef<'a>> {
         match self.readings {
             Readings::Spans {
@@ -264,6 +273,7 @@ impl<'a> BatchView<'a> {
     }
 
     /// The readings, oldest first.
+    #[inline]
     pub fn readings(&self) -> impl ExactSizeIterator<Item = ReadingRef<'a>> + 'a {
         let view = *self;
         (0..self.len()).map(move |i| {
