@@ -161,66 +161,37 @@ pub fn make_test_certs(dir: &Path) {
             ],
         );
     }
-    sh(
+    issue_cert(
         dir,
-        &[
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext"),
+        "server",
+        "/CN=127.0.0.1",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("write openssl extension file");
-    sh(
-        dir,
-        &[
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext",
-        ],
     );
     // A client certificate for mutual TLS, signed by the same CA (v3, for client auth:
     // rustls refuses v1 certificates).
-    std::fs::write(dir.join("client-ext"), "extendedKeyUsage=clientAuth\n")
-        .expect("write openssl extension file");
+    issue_cert(
+        dir,
+        "client",
+        "/CN=agent-a",
+        "extendedKeyUsage=clientAuth\n",
+    );
+}
+
+/// A key and a certificate signed by `ca.pem` in `dir`: `{name}.key`, `{name}.pem`, with
+/// `subject` and the v3 extensions `ext`.
+fn issue_cert(dir: &Path, name: &str, subject: &str, ext: &str) {
+    let (key, csr, pem, ext_file) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}-ext"),
+    );
+    std::fs::write(dir.join(&ext_file), ext).expect("write openssl extension file");
     sh(
         dir,
         &[
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-            "-subj",
-            "/CN=agent-a",
+            "openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr,
+            "-subj", subject,
         ],
     );
     sh(
@@ -230,18 +201,18 @@ pub fn make_test_certs(dir: &Path) {
             "x509",
             "-req",
             "-in",
-            "client.csr",
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
             "ca.key",
             "-CAcreateserial",
             "-out",
-            "client.pem",
+            &pem,
             "-days",
             "2",
             "-extfile",
-            "client-ext",
+            &ext_file,
         ],
     );
 }
