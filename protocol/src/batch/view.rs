@@ -45,7 +45,12 @@ impl<'a> ValuesRef<'a> {
     /// The values, in the order sent.
     #[inline]
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&'a str, Value)> + 'a {
-        // Either side is empty, so one chain serves both forms without boxing.
+        self.parts()
+    }
+
+    /// Both forms as one iterator: either side is empty, so no boxing is needed.
+    #[inline]
+    fn parts(&self) -> Iter<'a> {
         let (spans, owned, text) = match self.0 {
             Values::Spans { text, items } => (items, &[][..], text),
             Values::Owned(items) => (&[][..], items, ""),
@@ -77,15 +82,7 @@ impl<'a> ValuesRef<'a> {
     /// from a payload.
     #[inline]
     pub fn iter_with_text(&self) -> TextIter<'a> {
-        let (spans, owned, text) = match self.0 {
-            Values::Spans { text, items } => (items, &[][..], text),
-            Values::Owned(items) => (&[][..], items, ""),
-        };
-        TextIter(Iter {
-            spans: spans.iter(),
-            owned: owned.iter(),
-            text,
-        })
+        TextIter(self.parts())
     }
 
     /// The value called `name`, if there is one.
