@@ -49,6 +49,27 @@ impl Services {
     }
 }
 
+/// Whether `cmd probe...` runs and exits 0. Under `tests/run`, which installs `package`
+/// (tests/tools.sh) and probes it before any test, a missing or broken tool fails the test,
+/// naming the package; outside it the test is skipped with a notice.
+pub fn tool(cmd: &str, probe: &[&str], package: &str) -> bool {
+    let ok = Command::new(cmd)
+        .args(probe)
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("CALWATCH_SERVICES").is_err(),
+            "{cmd} is missing or broken: install the Debian package {package} \
+             (tests/run installs it; see tests/tools.sh)"
+        );
+        eprintln!("SKIPPED: {cmd} not installed (Debian package {package}; tests/run installs it)");
+    }
+    ok
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,16 +5,11 @@
 
 use std::process::Command;
 
-use calwatch_tests::{bin, run_to_end, workspace};
+use calwatch_tests::{bin, run_to_end, tool, workspace};
 
 #[test]
 fn deploy_systemd_units_verify() {
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: systemd-analyze not installed");
+    if !tool("systemd-analyze", &["--version"], "systemd") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("calwatch-units-{}", std::process::id()));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use calwatch_agent::profile::{Decoded, Profile, Table, ValueDef, ValueType};
 use calwatch_protocol::{AgentStatus, ReadingBatch, Value};
-use calwatch_tests::{bin, workspace, Proc, Services};
+use calwatch_tests::{bin, tool, workspace, Proc, Services};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_modbus::client::{tcp, Context, Reader};
 use tokio_modbus::Slave;
@@ -55,23 +55,6 @@ fn expected(def: &ValueDef, serial: &str) -> Decoded {
         ValueType::F64 => -299_792.458,
         other => panic!("{name}: no pattern for {other:?}"),
     })
-}
-
-/// Whether a tool is installed; under tests/run (which installs it) a missing one fails.
-fn have(cmd: &str, probe: &[&str]) -> bool {
-    let ok = Command::new(cmd)
-        .args(probe)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("CALWATCH_SERVICES").is_err(),
-            "tests/run installs {cmd}; it is missing or broken"
-        );
-        eprintln!("SKIPPED: {cmd} not installed");
-    }
-    ok
 }
 
 /// A directory for one test: under tests/run's temp dir, else the system's.
@@ -135,7 +118,7 @@ fn mbpoll(port: u16, table: &str, address: u16, count: u16, extra: &[&str]) -> V
 
 #[test]
 fn interop_mbpoll_reads_every_type_from_the_simulator() {
-    if !have("mbpoll", &["-V"]) {
+    if !tool("mbpoll", &["-V"], "mbpoll") {
         return;
     }
     let dir = scratch("mbpoll");
@@ -212,18 +195,23 @@ fn interop_mbpoll_reads_every_type_from_the_simulator() {
     assert!(checked >= 60, "the profile lost values: {checked}");
 }
 
-/// A python3 that can import pymodbus (Debian's, not a virtualenv's).
-fn pymodbus_python() -> Option<PathBuf> {
-    ["/usr/bin/python3", "python3"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| {
-            Command::new(p)
-                .args(["-c", "import pymodbus.server, pymodbus.payload"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        })
+/// What tests/interop/pymodbus_server.py imports of pymodbus (pymodbus.server imports
+/// `serial` and `serial_asyncio`, which Debian's python3-pymodbus only recommends).
+const PYMODBUS_IMPORTS: &str =
+    "import pymodbus.constants, pymodbus.datastore, pymodbus.payload, pymodbus.server";
+
+/// Debian's python3 (not pyenv's or a virtualenv's) when it imports what the pymodbus server
+/// needs; else why not.
+fn pymodbus_python() -> Result<PathBuf, String> {
+    let python = PathBuf::from("/usr/bin/python3");
+    match Command::new(&python)
+        .args(["-c", PYMODBUS_IMPORTS])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(python),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+        Err(e) => Err(format!("{}: {e}", python.display())),
+    }
 }
 
 /// Subscribes to `topics` on the broker; returns the publishes as they arrive.
@@ -279,9 +267,13 @@ async fn subscribe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interop_agent_polls_a_pymodbus_server() {
     let Some(svc) = Services::get() else { return };
-    let Some(python) = pymodbus_python() else {
-        panic!("tests/run installs python3-pymodbus; no python3 here imports it");
-    };
+    let python = pymodbus_python().unwrap_or_else(|e| {
+        panic!(
+            "/usr/bin/python3 -c '{PYMODBUS_IMPORTS}' fails: install the Debian packages \
+             python3-pymodbus, python3-serial-asyncio and python3-serial (tests/run does; \
+             see tests/tools.sh)\n{e}"
+        )
+    });
     let dir = svc.test_dir("interop-pymodbus");
     let profile_path = test_profile_path();
     let script = workspace().join("tests/interop/pymodbus_server.py");
