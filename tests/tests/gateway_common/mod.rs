@@ -113,6 +113,13 @@ pub(crate) struct Fleet {
 impl Fleet {
     /// `tag` makes every id unique (tests share one broker and one database).
     pub(crate) fn new(tag: &str, rounds: u32, deviating_sales: u32) -> Fleet {
+        Fleet::replicated(tag, rounds, deviating_sales, 1)
+    }
+
+    /// `copies` of the fleet, each on two agents of its own (copy 0 on `agent_a` and
+    /// `agent_b`, copy `c` on `{tag}-a{c}-{pid}` and `{tag}-b{c}-{pid}`); device ids of copy
+    /// `c > 0` end in `-{c}`.
+    pub(crate) fn replicated(tag: &str, rounds: u32, deviating_sales: u32, copies: usize) -> Fleet {
         let pid = std::process::id();
         let owner = format!("{tag}-owner-{pid}");
         let site = format!("{tag}-site-{pid}");
@@ -136,17 +143,26 @@ impl Fleet {
             ("OFFLINE", "energy_meter", Fault::Offline),
             ("LASTWILL", "scale", Fault::LastWill),
         ];
-        let devices = spec
-            .iter()
-            .map(|(name, kind, fault)| Dev {
-                id: format!("{}-{name}-{pid}", tag.to_uppercase()),
-                kind,
-                agent: if *fault == Fault::LastWill {
-                    agent_b.clone()
-                } else {
-                    agent_a.clone()
-                },
-                fault: *fault,
+        let devices = (0..copies)
+            .flat_map(|c| {
+                let (a, b, suffix) = match c {
+                    0 => (agent_a.clone(), agent_b.clone(), String::new()),
+                    c => (
+                        format!("{tag}-a{c}-{pid}"),
+                        format!("{tag}-b{c}-{pid}"),
+                        format!("-{c}"),
+                    ),
+                };
+                spec.iter().map(move |(name, kind, fault)| Dev {
+                    id: format!("{}-{name}-{pid}{suffix}", tag.to_uppercase()),
+                    kind,
+                    agent: if *fault == Fault::LastWill {
+                        b.clone()
+                    } else {
+                        a.clone()
+                    },
+                    fault: *fault,
+                })
             })
             .collect();
         // Round 0 about 20 h ago, on a whole minute: in the last 24 h (coverage), in the past.
@@ -162,6 +178,17 @@ impl Fleet {
             t0,
             deviating_sales,
         }
+    }
+
+    /// Every agent of the fleet, in the order of its devices.
+    pub(crate) fn agents(&self) -> Vec<String> {
+        let mut agents: Vec<String> = Vec::new();
+        for d in &self.devices {
+            if !agents.contains(&d.agent) {
+                agents.push(d.agent.clone());
+            }
+        }
+        agents
     }
 
     pub(crate) fn device(&self, fault: Fault) -> &Dev {
