@@ -30,7 +30,35 @@ pub struct GatewayConfig {
     pub sweep_interval: Duration,
     /// The durable queues in front of the sinks (`[queue]`).
     pub queue: QueueConfig,
+    /// `[ingest]`: the watchdog's bound and the shutdown bound.
+    pub ingest: IngestConfig,
     pub file: PathBuf,
+}
+
+/// `[ingest]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestConfig {
+    /// `/healthz` answers 503 (and the systemd watchdog is no longer fed) when ingest made no
+    /// progress this long while messages wait, or the broker connection is down this long
+    /// (`stall_after_s`, default 120 s).
+    pub stall_after: Duration,
+    /// SIGTERM ends the process within this time whatever ingest is doing
+    /// (`shutdown_timeout_s`, default 20 s; what was acknowledged is durable before the ack).
+    pub shutdown_timeout: Duration,
+    /// Messages received from the broker and not yet acknowledged beyond which the gateway
+    /// takes no more until they are processed (`max_pending`, default 65,536; see
+    /// [`crate::ingest::DEFAULT_MAX_PENDING`]).
+    pub max_pending: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            stall_after: Duration::from_secs(120),
+            shutdown_timeout: Duration::from_secs(20),
+            max_pending: crate::ingest::DEFAULT_MAX_PENDING,
+        }
+    }
 }
 
 /// `[queue]`: one crash-safe spool per sink target, `<dir>/<sink name>`.
@@ -119,6 +147,16 @@ struct RawConfig {
     sweep: RawSweep,
     #[serde(default)]
     queue: RawQueue,
+    #[serde(default)]
+    ingest: RawIngest,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawIngest {
+    stall_after_s: Option<toml::Spanned<u64>>,
+    shutdown_timeout_s: Option<toml::Spanned<u64>>,
+    max_pending: Option<toml::Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +342,42 @@ impl GatewayConfig {
                 "sweep.interval_s must be at least 1",
             ));
         }
+        let mut ingest = IngestConfig::default();
+        for (key, value, into) in [
+            (
+                "stall_after_s",
+                &raw.ingest.stall_after_s,
+                &mut ingest.stall_after,
+            ),
+            (
+                "shutdown_timeout_s",
+                &raw.ingest.shutdown_timeout_s,
+                &mut ingest.shutdown_timeout,
+            ),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() == 0 {
+                    return Err(ConfigError::at_offset(
+                        path,
+                        text,
+                        v.span().start,
+                        format!("ingest.{key} must be at least 1"),
+                    ));
+                }
+                *into = Duration::from_secs(*v.get_ref());
+            }
+        }
+        if let Some(v) = &raw.ingest.max_pending {
+            if *v.get_ref() < 64 {
+                return Err(ConfigError::at_offset(
+                    path,
+                    text,
+                    v.span().start,
+                    "ingest.max_pending must be at least 64 (one burst)",
+                ));
+            }
+            ingest.max_pending = *v.get_ref();
+        }
         let registry_path = tomlfile::resolve(path, &raw.registry.path);
         let queue_dir = match &raw.queue.dir {
             Some(d) => tomlfile::resolve(path, d),
@@ -376,6 +450,7 @@ impl GatewayConfig {
                 dir: queue_dir,
                 max_bytes,
             },
+            ingest,
             file: path.to_path_buf(),
         })
     }

@@ -740,10 +740,28 @@ pub(crate) struct IngestTask {
     pub(crate) alerts: broadcast::Sender<LoggedAlert>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) sweep_interval: Duration,
+    pub(crate) max_pending: u64,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
+/// Messages received and not yet acknowledged beyond which the source takes no more
+/// (`[ingest] max_pending`; DESIGN "The gateway never stalls"). A broker's in-flight limit
+/// does not bound this: mosquitto 2.0 hands a resumed session's whole queue over at once
+/// (65,324 messages, 94 MB, were waiting in the flood test with `max_inflight_messages 100`).
+/// What arrives beyond the bound is dropped *unacknowledged*; once everything taken is
+/// processed, the source reconnects and the persistent session redelivers it.
+pub const DEFAULT_MAX_PENDING: u64 = 65_536;
+/// ... or this many payload bytes.
+pub const MAX_PENDING_BYTES: u64 = 256 << 20;
+
 /// Runs the MQTT subscription and the burst loop until `shutdown` turns true.
+///
+/// Two tasks, and backpressure runs one way (broker → source → burst → durable queues →
+/// stores). The source task only ever waits on the broker connection: it forwards every
+/// message into an unbounded channel (bounded in practice by the broker's in-flight window and
+/// by `[ingest] max_pending`), so keep-alives and acks go out while a burst is processed.
+/// The burst loop queues acks and alert events without waiting (the request channel has room
+/// for all of them); if it ever has to wait, the wait ends with the shutdown.
 pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
     let IngestTask {
         mqtt,
@@ -752,57 +770,30 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         alerts,
         mut commands,
         sweep_interval,
+        max_pending,
         mut shutdown,
     } = task;
     let mut opts = mqtt.options(&client_id).map_err(IngestError::Settings)?;
     opts.set_manual_acks(true);
     // A persistent session: what we did not acknowledge is redelivered after a reconnect.
     opts.set_clean_session(false);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    // Alert events and acks are small: no Nagle delay (40 ms with delayed ACKs).
-    eventloop.network_options.set_tcp_nodelay(true);
-    let (tx, mut rx) = mpsc::channel::<Publish>(1024);
-    let sub_client = client.clone();
-    let url = mqtt.url.clone();
-    let events = tokio::spawn(async move {
-        let backoff = Backoff {
-            min: Duration::from_millis(250),
-            max: Duration::from_secs(30),
-        };
-        let mut failures = 0u32;
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    tracing::info!(broker = %url, "gateway connected to broker");
-                    let filters = [READINGS_FILTER, STATUS_FILTER]
-                        .map(|f| rumqttc::SubscribeFilter::new(f.to_owned(), QoS::AtLeastOnce));
-                    if let Err(e) = sub_client.try_subscribe_many(filters) {
-                        tracing::error!(error = %e, "cannot subscribe");
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    tracing::info!(
-                        filters = %format!("{READINGS_FILTER} {STATUS_FILTER}"),
-                        "gateway subscribed"
-                    );
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(p).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    let wait = backoff.delay(failures);
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(broker = %url, error = %e, retry_in = ?wait, "broker connection lost");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    });
+    // rumqttc's request channel has room for the ack of every message that can be waiting,
+    // and alert events besides, so that queuing an ack never waits for the event loop.
+    let requests = usize::try_from(max_pending)
+        .unwrap_or(usize::MAX)
+        .saturating_add(16_384);
+    let (client, eventloop) = AsyncClient::new(opts, requests);
+    let metrics = core.pipeline.metrics.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
+    let source = tokio::spawn(source(
+        eventloop,
+        client.clone(),
+        mqtt.url.clone(),
+        tx,
+        metrics.clone(),
+        max_pending,
+        shutdown.clone(),
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -810,11 +801,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         let stop = stop.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
+            let _ = shutdown.wait_for(|s| *s).await;
             stop.store(true, Ordering::Relaxed);
         });
     }
@@ -832,7 +819,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         );
         let last = leftover.last().map_or(0, |(seq, _)| *seq);
         let events: Vec<AlertEvent> = leftover.into_iter().map(|(_, e)| e).collect();
-        publish(&client, &alerts, &events, &[]).await;
+        publish(&client, &alerts, &events, &[], &shutdown).await;
         if let Some(c) = core.as_mut() {
             c.published.push_back((last, Instant::now()));
         }
@@ -842,10 +829,14 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registry_watch = tokio::time::interval(REGISTRY_WATCH);
     registry_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Fair turns between API commands and bursts: after a burst a waiting command goes
+    // first, after a command a waiting burst, so neither starves the other (a command waits
+    // at most one burst; a stream of API writes takes at most every other turn).
+    let mut command_turn = false;
     let mut result = Ok(());
     loop {
         enum Job {
-            Burst(Vec<Publish>),
+            Burst(Vec<Publish>, usize),
             Sweep,
             Registry,
             Command(Option<Command>),
@@ -853,11 +844,10 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         let job = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            // Before the messages, so a backlog cannot starve it (it is ready once a period).
+            // Before the messages, so a backlog cannot starve them (each is ready once a period).
             _ = sweep.tick() => Job::Sweep,
             _ = registry_watch.tick() => Job::Registry,
-            // Before the messages too: an API call waits at most one burst.
-            Some(cmd) = commands.recv() => Job::Command(Some(cmd)),
+            Some(cmd) = commands.recv(), if command_turn || rx.is_empty() => Job::Command(Some(cmd)),
             p = rx.recv() => match p {
                 Some(first) => {
                     let mut bytes = first.payload.len();
@@ -871,7 +861,7 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
                             Err(_) => break,
                         }
                     }
-                    Job::Burst(burst)
+                    Job::Burst(burst, bytes)
                 }
                 None => break,
             },
@@ -879,9 +869,10 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         let Some(mut c) = core.take() else { break };
         let stop_flag = stop.clone();
         let mut job = job;
+        metrics.health.busy(crate::now_ms());
         let joined = tokio::task::spawn_blocking(move || {
             let r = match &mut job {
-                Job::Burst(msgs) => c.burst(msgs, &stop_flag),
+                Job::Burst(msgs, _) => c.burst(msgs, &stop_flag),
                 Job::Sweep => c.sweep(&stop_flag),
                 Job::Registry => c.registry_check(&stop_flag),
                 Job::Command(cmd) => match cmd.take() {
@@ -905,35 +896,37 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
             break;
         };
         match job {
-            Job::Burst(msgs) => {
+            Job::Burst(msgs, bytes) => {
+                command_turn = true;
                 for m in &msgs {
-                    if let Err(e) = client.ack(m).await {
-                        tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
+                    if !ack(&client, m, &shutdown).await {
+                        break;
                     }
                 }
-                if let Some(c) = core.as_ref() {
-                    c.pipeline.metrics.bursts.fetch_add(1, Ordering::Relaxed);
-                }
+                metrics.health.done(msgs.len(), bytes);
+                metrics.bursts.fetch_add(1, Ordering::Relaxed);
             }
-            Job::Command(_) | Job::Registry => {}
+            Job::Command(_) => command_turn = false,
+            Job::Registry => {}
             Job::Sweep => {
+                metrics.sweeps.fetch_add(1, Ordering::Relaxed);
                 if let Some(c) = core.as_ref() {
-                    let m = &c.pipeline.metrics;
-                    m.sweeps.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         open_alerts = c.pipeline.book.open_count(),
                         "{}",
-                        m.summary()
+                        metrics.summary()
                     );
                 }
             }
         }
+        metrics.health.progress(crate::now_ms());
         if !durable.events.is_empty() {
             publish(
                 &client,
                 &alerts,
                 &durable.events,
                 &durable.committed.log_seqs,
+                &shutdown,
             )
             .await;
             if let Some(c) = core.as_mut() {
@@ -943,11 +936,15 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
+    // The source sends what is queued before the disconnect, then ends.
+    let _ = client.try_disconnect();
+    let flushed = match tokio::time::timeout(Duration::from_secs(2), source).await {
+        Ok(Ok(disconnected)) => disconnected,
+        _ => false,
+    };
     if let Some(mut c) = core {
         // Disconnect sent what was queued before it: the outbox is published.
-        if let Some(&(seq, _)) = c.published.back() {
+        if let (true, Some(&(seq, _))) = (flushed, c.published.back()) {
             if let Err(e) = c.store.published(seq) {
                 tracing::warn!(error = %e, "outbox not cleared; its events are published again at start");
             }
@@ -957,19 +954,129 @@ pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
     result
 }
 
-/// Step 5: alert events to MQTT (QoS 1, not retained) and to in-process subscribers.
+/// The source: the broker connection's event loop. It waits on nothing but the connection
+/// (and, between reconnects, the backoff or the shutdown). Returns whether it ended with a
+/// clean disconnect (everything queued before it was sent).
+async fn source(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    url: String,
+    tx: mpsc::UnboundedSender<Publish>,
+    metrics: Arc<Metrics>,
+    max_pending: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    // Alert events and acks are small: no Nagle delay (40 ms with delayed ACKs).
+    eventloop.network_options.set_tcp_nodelay(true);
+    let health = &metrics.health;
+    let backoff = Backoff {
+        min: Duration::from_millis(250),
+        max: Duration::from_secs(30),
+    };
+    let mut failures = 0u32;
+    let mut shedding = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                health.connected();
+                tracing::info!(broker = %url, "gateway connected to broker");
+                let filters = [READINGS_FILTER, STATUS_FILTER]
+                    .map(|f| rumqttc::SubscribeFilter::new(f.to_owned(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!(
+                    filters = %format!("{READINGS_FILTER} {STATUS_FILTER}"),
+                    "gateway subscribed"
+                );
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let (waiting, bytes) = health.pending();
+                if shedding || waiting >= max_pending || bytes >= MAX_PENDING_BYTES {
+                    if !shedding {
+                        tracing::warn!(
+                            waiting,
+                            bytes,
+                            "too much waiting: dropping messages unacknowledged until it is processed, then reconnecting for their redelivery (lower the broker's in-flight limit)"
+                        );
+                    }
+                    shedding = true;
+                    health.shed();
+                } else {
+                    health.received(p.payload.len());
+                    if tx.send(p).is_err() {
+                        return false;
+                    }
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
+            Ok(_) => {}
+            Err(e) => {
+                health.disconnected(crate::now_ms());
+                let wait = backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(broker = %url, error = %e, retry_in = ?wait, "broker connection lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|s| *s) => return false,
+                }
+            }
+        }
+        if shedding && health.pending().0 == 0 {
+            // Everything taken is processed and acknowledged: reconnect, and the session
+            // redelivers what was dropped.
+            tracing::info!(broker = %url, "reconnecting for the redelivery of dropped messages");
+            eventloop.clean();
+            health.disconnected(crate::now_ms());
+            shedding = false;
+        }
+    }
+}
+
+/// Queues the ack of `m`; waits (until the shutdown) only if the request channel is full.
+/// Returns false if the gateway is stopping.
+async fn ack(client: &AsyncClient, m: &Publish, shutdown: &watch::Receiver<bool>) -> bool {
+    if client.try_ack(m).is_ok() {
+        return true;
+    }
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        r = client.ack(m) => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
+            }
+            true
+        }
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
+}
+
+/// Step 5: alert events to MQTT (QoS 1, not retained) and to in-process subscribers. Like
+/// the acks, an event waits for room in the request channel only until the shutdown (it
+/// stays in the outbox and is published at the next start).
 async fn publish(
     client: &AsyncClient,
     alerts: &broadcast::Sender<LoggedAlert>,
     events: &[AlertEvent],
     log_seqs: &[i64],
+    shutdown: &watch::Receiver<bool>,
 ) {
     for (i, e) in events.iter().enumerate() {
         let topic = alert_topic(&e.owner, &e.device);
-        if let Err(err) = client
-            .publish(topic, QoS::AtLeastOnce, false, e.encode())
-            .await
-        {
+        let sent = match client.try_publish(&topic, QoS::AtLeastOnce, false, e.encode()) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    r = client.publish(topic, QoS::AtLeastOnce, false, e.encode()) => r,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        if let Err(err) = sent {
             tracing::warn!(error = %err, id = %e.id, "alert event not published");
         }
         // No subscriber is not an error.

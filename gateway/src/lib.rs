@@ -17,6 +17,7 @@ pub mod command;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod registry;
@@ -131,6 +132,7 @@ impl Gateway {
             metrics: metrics.clone(),
             metrics_public: cfg.http.metrics_public,
             shutdown: shutdown.clone(),
+            stall_after: cfg.ingest.stall_after,
         });
         let server = api::serve(&cfg.http, api_state).await?;
         tracing::info!(
@@ -141,6 +143,11 @@ impl Gateway {
         let checkpointer = crate::store::Checkpointer::spawn(&cfg.registry.path, shutdown.clone())?;
         let (stop_writers, writers_stop) = watch::channel(false);
         let writers = sink::start_writers(&cfg.sinks, &queues, writers_stop);
+        tokio::spawn(health::systemd::run(
+            metrics.clone(),
+            cfg.ingest.stall_after,
+            shutdown.clone(),
+        ));
         let ingest = tokio::spawn(ingest::run(IngestTask {
             mqtt: cfg.mqtt.clone(),
             client_id: cfg.client_id.clone(),
@@ -148,6 +155,7 @@ impl Gateway {
             alerts: alerts.clone(),
             commands: commands_rx,
             sweep_interval: cfg.sweep_interval,
+            max_pending: cfg.ingest.max_pending,
             shutdown,
         }));
         let (http, https) = (server.addr, server.https);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use calwatch_protocol::{AlertKind, AlertState, RejectReason};
 
+use crate::health::IngestHealth;
 use crate::registry::DeviceKind;
 
 /// Why a message or a reading was refused, besides the decoder's [`RejectReason`]s.
@@ -148,6 +149,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Per target, in configuration order.
     pub sinks: Vec<Arc<SinkMetrics>>,
+    /// Ingest progress, for `/healthz` and the watchdog.
+    pub health: IngestHealth,
 }
 
 impl Metrics {
@@ -174,6 +177,7 @@ impl Metrics {
             check_latency: Histogram::default(),
             commit_latency: Histogram::default(),
             sinks,
+            health: IngestHealth::new(crate::now_ms()),
         }
     }
 
@@ -232,6 +236,13 @@ impl Metrics {
                 let _ = write!(s, " rejected[{reason}]={n}");
             }
         }
+        let ((waiting, _), (peak, peak_bytes)) =
+            (self.health.pending(), self.health.peak_pending());
+        let _ = write!(
+            s,
+            " pending={waiting} peak_pending={peak}/{peak_bytes}B shed={}",
+            self.health.shed_count()
+        );
         for sink in &self.sinks {
             let _ = write!(
                 s,
@@ -295,6 +306,22 @@ impl Metrics {
             "calwatch_sweeps_total",
             "Wall-clock sweeps run",
             get(&self.sweeps),
+        );
+        counter(
+            "calwatch_shed_total",
+            "Messages dropped unacknowledged because too much was waiting (redelivered after a reconnect)",
+            self.health.shed_count(),
+        );
+        let (waiting, waiting_bytes) = self.health.pending();
+        let _ = writeln!(
+            out,
+            "# HELP calwatch_ingest_pending_messages Messages received from the broker, not yet acknowledged\n\
+             # TYPE calwatch_ingest_pending_messages gauge\ncalwatch_ingest_pending_messages {waiting}\n\
+             # HELP calwatch_ingest_pending_bytes Payload bytes of those messages\n\
+             # TYPE calwatch_ingest_pending_bytes gauge\ncalwatch_ingest_pending_bytes {waiting_bytes}\n\
+             # HELP calwatch_broker_connected 1 while the broker connection is up\n\
+             # TYPE calwatch_broker_connected gauge\ncalwatch_broker_connected {}",
+            u8::from(self.health.is_connected())
         );
         let _ = writeln!(out, "# HELP calwatch_rejected_total Batches or readings refused, by reason\n# TYPE calwatch_rejected_total counter");
         for (reason, c) in &self.rejected {

@@ -276,11 +276,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args`, stdout piped (for [`Proc::wait_stdout_line`]), stderr to a log.
     pub fn start(dir: &Path, name: &str, bin: &Path, args: &[&str]) -> Proc {
+        Proc::start_env(dir, name, bin, args, &[])
+    }
+
+    /// Like [`Proc::start`], with extra environment variables.
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let err = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
@@ -289,6 +301,31 @@ impl Proc {
             name: name.into(),
             child,
             log,
+        }
+    }
+
+    /// The HTTP address a gateway logged (`HTTP API and console listening addr=…`).
+    pub fn http_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log_text();
+            if let Some(rest) = log
+                .lines()
+                .find(|l| l.contains("HTTP API and console listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+            {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no HTTP address in the log:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -66,26 +66,6 @@ fn token(toml: &Path, role: &str, owner: Option<&str>, name: &str) -> String {
     t
 }
 
-/// The HTTP address the gateway logged.
-fn http_addr(gw: &Proc) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = gw.log_text();
-        if let Some(rest) = log
-            .lines()
-            .find(|l| l.contains("HTTP API and console listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-        {
-            return rest.split_whitespace().next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no HTTP address in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 impl Api {
     async fn start(svc: &Services, tag: &str) -> Api {
         let dir = svc.test_dir(tag);
@@ -119,7 +99,7 @@ impl Api {
                 .await
                 .unwrap()
         };
-        let base = format!("http://{}", http_addr(&gw));
+        let base = format!("http://{}", gw.http_addr());
         let mqtt = Mqtt::connect(
             &svc.mqtt_addr,
             &format!("{tag}-test-{}", std::process::id()),

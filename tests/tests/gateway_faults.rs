@@ -31,27 +31,9 @@ fn influx_sink(svc: &Services) -> String {
 
 /// Waits until the committed state shows every reading of every device checked.
 async fn wait_all_checked(fleet: &Fleet, toml: &Path, logs: &str) -> Vec<Json> {
-    let want: BTreeMap<String, u64> = fleet
-        .devices
-        .iter()
-        .map(|d| (d.id.clone(), fleet.sent(d)))
-        .collect();
-    let toml = toml.to_path_buf();
-    let found = eventually(Duration::from_secs(60), || {
-        let (toml, want) = (toml.clone(), want.clone());
-        async move {
-            let dump = tokio::task::spawn_blocking(move || state_dump(&toml))
-                .await
-                .unwrap();
-            let done = want.iter().all(|(id, n)| {
-                dump.iter()
-                    .any(|l| l["device"] == id.as_str() && l["readings"] == *n)
-            });
-            done.then_some(dump)
-        }
-    })
-    .await;
-    found.unwrap_or_else(|| panic!("not every reading was checked within 60 s\n{logs}"))
+    all_checked(fleet, toml, Duration::from_secs(60), || {})
+        .await
+        .unwrap_or_else(|| panic!("not every reading was checked within 60 s\n{logs}"))
 }
 
 fn device_line<'a>(dump: &'a [Json], id: &str) -> &'a Json {

@@ -252,11 +252,16 @@ impl Authenticator {
         if !constant_time_eq(presented.as_bytes(), hash.as_bytes()) || revoked.is_some() {
             return None;
         }
-        Some(Principal {
-            name,
-            role: Role::parse(&role)?,
-            owner: owner.and_then(|o| Id::new(o).ok()),
-        })
+        let role = Role::parse(&role)?;
+        // Fail closed: an owner token is confined to its owner id; one whose stored owner is
+        // missing or not a valid id is refused, never treated as unscoped.
+        let owner = match (role, owner) {
+            (Role::Owner, Some(o)) => Some(Id::new(o).ok()?),
+            (Role::Owner, None) => return None,
+            (_, Some(_)) => return None,
+            (_, None) => None,
+        };
+        Some(Principal { name, role, owner })
     }
 }
 
@@ -304,6 +309,32 @@ mod tests {
         assert_eq!(tail[1].action, "token.create");
         assert!(!tail[1].new.contains(&t[5..]));
         reg.verify_audit().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue #19: an owner token whose stored owner does not validate (a row edited by hand,
+    /// an id rule tightened since) used to become an *unscoped* owner that saw every device.
+    #[test]
+    fn an_owner_token_with_a_bad_stored_owner_is_refused_not_unscoped() {
+        let dir = std::env::temp_dir().join(format!("calwatch-auth-fc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.db");
+        let mut reg = Registry::open(&path).unwrap();
+        let owner = create(&mut reg, "ana", Role::Owner, Some("market-1"), "cli").unwrap();
+        let sup = create(&mut reg, "sue", Role::Supervisor, None, "cli").unwrap();
+        let auth = Authenticator::open(&path).unwrap();
+        assert!(auth.check(&owner).is_some());
+        for stored in [Some("not an id!"), Some(""), None] {
+            reg.conn()
+                .execute("UPDATE token SET owner = ?1 WHERE name = 'ana'", [stored])
+                .unwrap();
+            assert!(auth.check(&owner).is_none(), "owner {stored:?} accepted");
+        }
+        // A non-owner token that carries an owner is as suspect.
+        reg.conn()
+            .execute("UPDATE token SET owner = 'market-1' WHERE name = 'sue'", [])
+            .unwrap();
+        assert!(auth.check(&sup).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -99,8 +99,18 @@ impl ApiError {
             "the gateway is stopping",
         )
     }
+    /// A 500: the detail (a database error, a path on the gateway's disk) goes to the log
+    /// only; the answer carries an incident number to find it there.
     fn internal(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", detail)
+        static INCIDENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = INCIDENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let detail = detail.into();
+        tracing::error!(incident = n, %detail, "request failed with an internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            format!("incident {n}: the details are in the gateway's log"),
+        )
     }
 }
 
@@ -131,6 +141,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub metrics_public: bool,
     pub shutdown: watch::Receiver<bool>,
+    /// `[ingest] stall_after_s`: `/healthz` answers 503 past it.
+    pub stall_after: std::time::Duration,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -167,8 +179,27 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not found", "no such route")
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// Liveness of ingest, not only of the process (DESIGN "The gateway never stalls"): 200
+/// while ingest makes progress, 503 with the reason when it is stalled (see
+/// [`crate::health`]). Anyone may ask; it tells nothing about devices.
+async fn healthz(State(st): Shared) -> Response {
+    let h = &st.metrics.health;
+    let (pending, _) = h.pending();
+    let connected = h.is_connected();
+    match h.verdict(crate::now_ms(), st.stall_after) {
+        Ok(()) => Json(serde_json::json!({
+            "status": "ok", "broker_connected": connected, "pending": pending
+        }))
+        .into_response(),
+        Err(stall) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "stalled", "reason": stall.0,
+                "broker_connected": connected, "pending": pending
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// The caller, if its bearer token is good.
@@ -304,8 +335,16 @@ fn page(limit: Option<usize>, offset: Option<usize>) -> ApiResult<(usize, usize)
     if limit == 0 || limit > PAGE_MAX {
         return Err(ApiError::bad_request(format!("limit: 1 to {PAGE_MAX}")));
     }
-    Ok((limit, offset.unwrap_or(0)))
+    let offset = offset.unwrap_or(0);
+    if offset > OFFSET_MAX {
+        return Err(ApiError::bad_request(format!("offset: 0 to {OFFSET_MAX}")));
+    }
+    Ok((limit, offset))
 }
+
+/// The largest `offset` of a page: beyond any registry or alert log (and far from where
+/// an SQL `OFFSET` or an addition would overflow).
+pub const OFFSET_MAX: usize = 1_000_000_000;
 
 fn query<T: serde::de::DeserializeOwned>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
@@ -931,5 +970,35 @@ async fn serve_tls(
                 tracing::debug!(%peer, error = %e, "https connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offset_beyond_any_page_is_a_bad_request() {
+        assert_eq!(page(None, None).unwrap(), (PAGE_DEFAULT, 0));
+        assert_eq!(page(Some(5), Some(OFFSET_MAX)).unwrap(), (5, OFFSET_MAX));
+        for offset in [OFFSET_MAX + 1, usize::MAX] {
+            let e = page(None, Some(offset)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{offset}");
+            assert!(e.detail.starts_with("offset: "), "{}", e.detail);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_500_answer_does_not_carry_the_detail() {
+        let detail = "registry /var/lib/calwatch/registry.db: disk I/O error";
+        let r = refusal(Refusal::Failed(detail.into())).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            !body.contains("/var/lib") && !body.contains("registry.db"),
+            "{body}"
+        );
+        assert!(body.contains("incident "), "{body}");
     }
 }

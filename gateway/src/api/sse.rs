@@ -225,6 +225,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new(Vec::new())),
             metrics_public: false,
             shutdown,
+            stall_after: std::time::Duration::from_secs(120),
         });
         let cfg = HttpConfig {
             listen: "127.0.0.1:0".into(),

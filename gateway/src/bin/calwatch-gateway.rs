@@ -116,6 +116,8 @@ enum Command {
 
 /// Exit code for configuration and input errors.
 const CONFIG_ERROR: u8 = 2;
+/// `run` did not stop within `[ingest] shutdown_timeout_s` of SIGTERM and exited anyway.
+const SHUTDOWN_TIMEOUT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -300,21 +302,44 @@ fn main() -> ExitCode {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(CONFIG_ERROR);
             };
-            runtime.block_on(async {
+            let bound = cfg.ingest.shutdown_timeout;
+            let code = runtime.block_on(async {
                 let (stop_tx, stop_rx) = watch::channel(false);
+                let mut stopping = stop_rx.clone();
                 tokio::spawn(async move {
                     shutdown_signal().await;
                     tracing::info!("shutting down");
                     let _ = stop_tx.send(true);
                 });
-                match calwatch_gateway::run(cfg, stop_rx).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("calwatch-gateway: {e}");
-                        ExitCode::FAILURE
+                let run = calwatch_gateway::run(cfg, stop_rx);
+                // Bounded: whatever ingest is doing, the process ends `shutdown_timeout_s`
+                // after the signal. Nothing acknowledged is lost by that: a message is acked
+                // only after it is durable.
+                let deadline = async {
+                    let _ = stopping.wait_for(|s| *s).await;
+                    tokio::time::sleep(bound).await;
+                };
+                tokio::select! {
+                    r = run => match r {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("calwatch-gateway: {e}");
+                            ExitCode::FAILURE
+                        }
+                    },
+                    () = deadline => {
+                        tracing::error!(
+                            bound_s = bound.as_secs(),
+                            "not stopped within ingest.shutdown_timeout_s; exiting (what was acknowledged is durable)"
+                        );
+                        ExitCode::from(SHUTDOWN_TIMEOUT)
                     }
                 }
-            })
+            });
+            // Blocking work still running (a write to a disk that does not answer) must not
+            // hold the process either.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            code
         }
         Command::Demo {
             dir,

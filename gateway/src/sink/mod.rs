@@ -438,10 +438,17 @@ impl Target {
     async fn write(&self, body: &[u8]) -> Result<(), WriteError> {
         match &self.endpoint {
             Endpoint::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(body)
-                    .map_err(|e| WriteError::Retry(e.to_string()))?;
-                out.flush().map_err(|e| WriteError::Retry(e.to_string()))
+                // Off the runtime's workers: a reader that does not keep up (a full pipe)
+                // blocks this thread only, and backpressure reaches ingest through the queue.
+                let body = body.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&body)?;
+                    out.flush()
+                })
+                .await
+                .map_err(|e| WriteError::Retry(e.to_string()))?
+                .map_err(|e| WriteError::Retry(e.to_string()))
             }
             Endpoint::Http { url, auth, basic } => {
                 let plain = body.to_vec();

@@ -444,12 +444,18 @@ pub(crate) fn setup_gateway(dir: &Path, fleet: &Fleet, mqtt_addr: &str, sinks: &
 
 /// Starts `calwatch-gateway run` and waits until it subscribed.
 pub(crate) fn start_gateway(dir: &Path, name: &str, toml: &Path) -> Proc {
+    start_gateway_env(dir, name, toml, &[])
+}
+
+/// [`start_gateway`] with extra environment variables.
+pub(crate) fn start_gateway_env(dir: &Path, name: &str, toml: &Path, env: &[(&str, &str)]) -> Proc {
     let before = count_in_log(&dir.join(format!("{name}.log")), "gateway subscribed");
-    let gw = Proc::start(
+    let gw = Proc::start_env(
         dir,
         name,
         &bin("calwatch-gateway"),
         &["run", "--config", toml.to_str().expect("utf-8 path")],
+        env,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while count_in_log(&gw.log, "gateway subscribed") <= before {
@@ -593,4 +599,35 @@ pub(crate) fn state_dump(toml: &Path) -> Vec<serde_json::Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).expect("state line is JSON"))
         .collect()
+}
+
+/// Waits until the committed state counts every reading the fleet sent, for every device;
+/// `each` runs at every look (to sample the gateway's memory, say). The dump, or None.
+pub(crate) async fn all_checked(
+    fleet: &Fleet,
+    toml: &Path,
+    limit: Duration,
+    mut each: impl FnMut(),
+) -> Option<Vec<serde_json::Value>> {
+    let want: BTreeMap<String, u64> = fleet
+        .devices
+        .iter()
+        .map(|d| (d.id.clone(), fleet.sent(d)))
+        .collect();
+    let toml = toml.to_path_buf();
+    calwatch_tests::eventually(limit, || {
+        each();
+        let (toml, want) = (toml.clone(), want.clone());
+        async move {
+            let dump = tokio::task::spawn_blocking(move || state_dump(&toml))
+                .await
+                .expect("state dump task");
+            let done = want.iter().all(|(id, n)| {
+                dump.iter()
+                    .any(|l| l["device"] == id.as_str() && l["readings"] == *n)
+            });
+            done.then_some(dump)
+        }
+    })
+    .await
 }

@@ -1,0 +1,241 @@
+//! The ingest watchdog and the shutdown bound (issue #19, DESIGN "The gateway never stalls").
+//!
+//! - `/healthz` answers 503 with the reason when the broker connection has been down longer
+//!   than `[ingest] stall_after_s`, and 200 again once it is back; under systemd
+//!   (`NOTIFY_SOCKET`, `WATCHDOG_USEC`) the gateway sends `READY=1`, feeds the watchdog with
+//!   `WATCHDOG=1` only while ingest is healthy, and says why it stopped feeding it.
+//! - A full sink queue (the store unreachable, the queue at its 4 MiB minimum) blocks a
+//!   burst: `/healthz` names it, and deploy/compose.yaml's healthcheck stops it (SIGTERM),
+//!   promptly and with exit 0, for `restart: unless-stopped` to start it again.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod gateway_common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use calwatch_tests::broker::Mosquitto;
+use calwatch_tests::{eventually, free_port, Proc, Services};
+use gateway_common::*;
+use serde_json::Value as Json;
+
+async fn healthz(gw: &Proc) -> (u16, Json) {
+    // Bounded: a hung gateway fails the test instead of hanging it.
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/healthz", gw.http_addr()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap())
+}
+
+/// Datagrams systemd would have received, within `limit`.
+fn notifications(sock: &UnixDatagram, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// Waits for a notification that starts with `prefix`; returns the ones before it too.
+fn wait_notification(sock: &UnixDatagram, prefix: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        for n in notifications(sock, Duration::from_millis(200)) {
+            let done = n.starts_with(prefix);
+            seen.push(n);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("no {prefix:?} notification within {limit:?}; got {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("gateway-watchdog");
+    let port = free_port();
+    let mut broker = Mosquitto::start(&dir, port);
+    let fleet = Fleet::new("wdg", 10, 0);
+    let toml = setup_gateway(
+        &dir,
+        &fleet,
+        &format!("127.0.0.1:{port}"),
+        "[[sink]]\nkind = \"stdout\"\n[ingest]\nstall_after_s = 2\n",
+    );
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut gw = start_gateway_env(
+        &dir,
+        "gateway",
+        &toml,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let first = wait_notification(&sock, "WATCHDOG=1", Duration::from_secs(10));
+    assert_eq!(first[0], "READY=1", "{first:?}");
+    let (code, body) = healthz(&gw).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["broker_connected"], true);
+
+    // The broker goes away: past stall_after_s, 503 with the reason, and the watchdog
+    // is no longer fed.
+    broker.stop();
+    let stalled = eventually(Duration::from_secs(20), || async {
+        let (code, body) = healthz(&gw).await;
+        (code == 503).then_some(body)
+    })
+    .await
+    .expect("healthz never turned 503 with the broker down");
+    assert_eq!(stalled["status"], "stalled");
+    assert_eq!(stalled["broker_connected"], false);
+    let reason = stalled["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("broker connection down for "),
+        "{reason}"
+    );
+    wait_notification(
+        &sock,
+        "STATUS=stalled: broker connection down",
+        Duration::from_secs(5),
+    );
+    let later = notifications(&sock, Duration::from_secs(2));
+    assert!(
+        !later.iter().any(|n| n == "WATCHDOG=1"),
+        "the watchdog was fed while stalled: {later:?}"
+    );
+
+    // Back: healthy again, the watchdog fed again.
+    broker.restart();
+    let healthy = eventually(Duration::from_secs(60), || async {
+        let (code, body) = healthz(&gw).await;
+        (code == 200).then_some(body)
+    })
+    .await
+    .unwrap_or_else(|| panic!("healthz did not recover:\n{}", gw.log_text()));
+    assert_eq!(healthy["broker_connected"], true);
+    wait_notification(&sock, "WATCHDOG=1", Duration::from_secs(5));
+    let (code, out) = compose_healthcheck(&format!("http://{}/healthz", gw.http_addr()), gw.pid());
+    assert_eq!(
+        code, 0,
+        "the compose healthcheck failed a healthy gateway: {out}"
+    );
+
+    assert_eq!(
+        gw.terminate(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        gw.log_text()
+    );
+    wait_notification(&sock, "STOPPING=1", Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sink_queue_is_reported_and_sigterm_still_ends_the_gateway() {
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("gateway-watchdog-queue");
+    let port = free_port();
+    let _broker = Mosquitto::start(&dir, port);
+    let addr = format!("127.0.0.1:{port}");
+    let fleet = Fleet::new("wdq", 4_000, 0);
+    // The store never answers; the queue holds its minimum of 4 MiB.
+    let dead = free_port();
+    let toml = setup_gateway(
+        &dir,
+        &fleet,
+        &addr,
+        &format!(
+            "[[sink]]\nkind = \"influx_v1\"\nurl = \"http://127.0.0.1:{dead}\"\ndb = \"x\"\n\
+             [queue]\nmax_bytes = 4194304\n[ingest]\nstall_after_s = 2\nshutdown_timeout_s = 10\n"
+        ),
+    );
+    let mut gw = start_gateway(&dir, "gateway", &toml);
+    let mqtt = Mqtt::connect(&addr, &format!("wdq-test-{}", std::process::id())).await;
+    let mut sims = Sims::default();
+    for round in 0..fleet.rounds {
+        for agent in fleet.agents() {
+            if let Some(p) = fleet.batch(&mut sims, &agent, round, round + 1) {
+                mqtt.publish_batch(&agent, p).await;
+            }
+        }
+    }
+    let stalled = eventually(Duration::from_secs(120), || async {
+        let (code, body) = healthz(&gw).await;
+        (code == 503).then_some(body)
+    })
+    .await
+    .unwrap_or_else(|| panic!("healthz never reported the full queue:\n{}", gw.log_text()));
+    let reason = stalled["reason"].as_str().unwrap();
+    assert!(reason.contains("a full sink queue"), "{reason}");
+    assert!(stalled["pending"].as_u64().unwrap() > 0, "{stalled}");
+
+    // Blocked on the queue, it still stops on SIGTERM, cleanly and well within the bound:
+    // sent by deploy/compose.yaml's own healthcheck, aimed at this gateway.
+    let t = Instant::now();
+    let (code, out) = compose_healthcheck(&format!("http://{}/healthz", gw.http_addr()), gw.pid());
+    assert_eq!(code, 1, "the healthcheck passed a stalled gateway: {out}");
+    assert_eq!(
+        gw.terminate(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log_text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        t.elapsed()
+    );
+    assert!(gw.log_text().contains("shutting down"), "{}", gw.log_text());
+}
+
+/// Runs the gateway healthcheck of deploy/compose.yaml against `url`, with `pid` standing
+/// for the container's PID 1; its exit code and output.
+fn compose_healthcheck(url: &str, pid: u32) -> (i32, String) {
+    let compose =
+        std::fs::read_to_string(calwatch_tests::workspace().join("deploy/compose.yaml")).unwrap();
+    let gateway = &compose[compose.find("\n  gateway:\n").unwrap()..];
+    let script: Vec<&str> = gateway[gateway.find("- >-\n").unwrap() + 5..]
+        .lines()
+        .take_while(|l| l.starts_with("          "))
+        .map(str::trim)
+        .collect();
+    let script = script
+        .join(" ")
+        .replace("$$", "$")
+        .replace("http://127.0.0.1:8080/healthz", url)
+        .replace("kill -TERM 1", &format!("kill -TERM {pid}"));
+    assert!(
+        script.contains(url) && script.contains(&format!("kill -TERM {pid}")),
+        "{script}"
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{script}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
