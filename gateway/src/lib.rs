@@ -133,6 +133,7 @@ impl Gateway {
             metrics_public: cfg.http.metrics_public,
             shutdown: shutdown.clone(),
             stall_after: cfg.ingest.stall_after,
+            streams: Default::default(),
         });
         let server = api::serve(&cfg.http, api_state).await?;
         tracing::info!(

@@ -143,6 +143,8 @@ pub struct ApiState {
     pub shutdown: watch::Receiver<bool>,
     /// `[ingest] stall_after_s`: `/healthz` answers 503 past it.
     pub stall_after: std::time::Duration,
+    /// Open alert streams per token name (see [`sse::STREAMS_PER_TOKEN`]).
+    pub streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -202,20 +204,28 @@ async fn healthz(State(st): Shared) -> Response {
     }
 }
 
-/// The caller, if its bearer token is good.
-fn principal(st: &ApiState, headers: &HeaderMap) -> ApiResult<Principal> {
-    let unauthorized = |d: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d);
+fn unauthorized(detail: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+}
+
+/// The bearer token of the request, as presented.
+fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthorized("Authorization: Bearer <token> required"))?;
     let value = value
         .to_str()
         .map_err(|_| unauthorized("malformed Authorization header"))?;
-    let token = value
+    value
         .strip_prefix("Bearer ")
-        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required"))?;
+        .map(str::trim)
+        .ok_or_else(|| unauthorized("Authorization: Bearer <token> required"))
+}
+
+/// The caller, if its bearer token is good.
+fn principal(st: &ApiState, headers: &HeaderMap) -> ApiResult<Principal> {
     st.auth
-        .check(token.trim())
+        .check(bearer(headers)?)
         .ok_or_else(|| unauthorized("unknown, revoked or malformed token"))
 }
 

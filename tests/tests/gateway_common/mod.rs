@@ -481,6 +481,7 @@ pub(crate) struct Mqtt {
     pub(crate) client: AsyncClient,
     pub(crate) acked: Arc<AtomicU64>,
     pub(crate) alerts: Arc<Mutex<Vec<AlertEvent>>>,
+    subacks: Arc<AtomicU64>,
 }
 
 impl Mqtt {
@@ -492,12 +493,16 @@ impl Mqtt {
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let acked = Arc::new(AtomicU64::new(0));
         let alerts = Arc::new(Mutex::new(Vec::new()));
-        let (a, al) = (acked.clone(), alerts.clone());
+        let subacks = Arc::new(AtomicU64::new(0));
+        let (a, al, sa) = (acked.clone(), alerts.clone(), subacks.clone());
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        sa.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(e) = AlertEvent::decode(&p.payload) {
@@ -513,16 +518,26 @@ impl Mqtt {
             client,
             acked,
             alerts,
+            subacks,
         }
     }
 
-    /// Subscribes to the alerts of `owner` and waits for the SUBACK (by a round trip).
+    /// Subscribes to the alerts of `owner` and waits for the broker's SUBACK: from then on
+    /// no alert event can pass unseen.
     pub(crate) async fn subscribe_alerts(&self, owner: &str) {
+        let before = self.subacks.load(Ordering::SeqCst);
         self.client
             .subscribe(format!("calwatch/v1/alerts/{owner}/#"), QoS::AtLeastOnce)
             .await
             .expect("subscribe");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.subacks.load(Ordering::SeqCst) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no SUBACK for the alerts of {owner}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub(crate) async fn publish_batch(&self, agent: &str, payload: Vec<u8>) {
