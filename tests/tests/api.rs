@@ -1429,10 +1429,85 @@ async fn api_https_with_a_configured_certificate() {
         .to_str()
         .unwrap()
         .contains("default-src 'self'"));
+    // A slowloris over TLS: the handshake done, half a request, then nothing. The
+    // connection is closed after the header timeout (10 s), not held.
+    let mut sc = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = sc.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let t = Instant::now();
+    let closed = loop {
+        if let Some(status) = sc.try_wait().unwrap() {
+            break Some(status);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = sc.kill();
+    drop(stdin);
+    assert!(
+        closed.is_some(),
+        "a half-sent request over TLS held its connection for 30 s"
+    );
     // Plain HTTP to the HTTPS port: no answer, and an untrusting client refuses.
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
     assert!(!plain.is_ok_and(|r| r.status().is_success()));
     assert!(reqwest::get(format!("https://127.0.0.1:{port}/healthz"))
         .await
         .is_err());
+}
+
+/// Issue #19: the API had no header-read timeout, so a client that sends half a request
+/// and then nothing (slowloris) held a connection and its task forever; enough of them
+/// exhaust the gateway's descriptors. Now the connection is closed after 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_closes_a_connection_that_never_finishes_its_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(svc) = Services::get() else { return };
+    let api = Api::start(&svc, "slowloris").await;
+    let addr = api
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "a half-sent request held its connection for 30 s"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    // An idle kept-alive connection is closed the same way.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "an idle connection was held for 30 s");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{got:?}"
+    );
 }

@@ -861,42 +861,15 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
     let app = router(state);
-    match (&cfg.cert_file, &cfg.key_file) {
-        (Some(cert), Some(key)) => {
-            let tls = tls_config(cert, key)?;
-            let task = tokio::spawn(serve_tls(listener, tls, app, shutdown));
-            Ok(Server {
-                addr,
-                https: true,
-                task,
-            })
-        }
-        _ => {
-            let task = tokio::spawn(async move {
-                let service = app.into_make_service_with_connect_info::<SocketAddr>();
-                let stop = async move {
-                    while !*shutdown.borrow() {
-                        if shutdown.changed().await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                if let Err(e) = axum::serve(listener, service)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "http server stopped");
-                }
-            });
-            Ok(Server {
-                addr,
-                https: false,
-                task,
-            })
-        }
-    }
+    let tls = match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(cert, key)?)),
+        _ => None,
+    };
+    let https = tls.is_some();
+    let task = tokio::spawn(serve_connections(listener, tls, app, shutdown));
+    Ok(Server { addr, https, task })
 }
 
 fn tls_config(
@@ -927,57 +900,122 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
-async fn serve_tls(
+/// Serves one connection until it ends; at the shutdown, lets the request in flight finish.
+async fn serve_io<I, S, B>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    service: S,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let stopped = async {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// A client gets this long to send a request's headers (TLS handshake included), on a new
+/// connection and between the requests of a kept-alive one: a slowloris holds nothing longer.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ... and this long from the headers to the response's headers (reading the body, the work).
+/// A stream's body (SSE) is not bounded by it.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections served at once; the next waits in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The accept loop of the API, HTTP or (with an acceptor) HTTPS: hyper with a header-read
+/// timeout and a request timeout on both.
+async fn serve_connections(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     app: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower_service::Service;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
+                    tracing::warn!(error = %e, "http accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { break } else { continue }
-            }
+            () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         };
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let app = app.clone();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(tcp),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "tls handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let _slot = slot;
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));
                     let mut app = app.clone();
-                    async move { app.call(req.map(axum::body::Body::new)).await }
+                    async move {
+                        let call = app.call(req.map(axum::body::Body::new));
+                        match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+                            Ok(r) => r,
+                            Err(_) => Ok(ApiError::new(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request timeout",
+                                format!(
+                                    "the request took longer than {} s",
+                                    REQUEST_TIMEOUT.as_secs()
+                                ),
+                            )
+                            .into_response()),
+                        }
+                    }
                 },
             );
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "https connection ended");
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let served = match tls {
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "tls handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    serve_io(&builder, TokioIo::new(stream), service, &mut stop).await
+                }
+                None => serve_io(&builder, TokioIo::new(tcp), service, &mut stop).await,
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "http connection ended");
             }
         });
     }
