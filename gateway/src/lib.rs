@@ -134,6 +134,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             stall_after: cfg.ingest.stall_after,
             streams: Default::default(),
+            refusals: Default::default(),
         });
         let server = api::serve(&cfg.http, api_state).await?;
         tracing::info!(

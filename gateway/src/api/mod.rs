@@ -145,6 +145,8 @@ pub struct ApiState {
     pub stall_after: std::time::Duration,
     /// Open alert streams per token name (see [`sse::STREAMS_PER_TOKEN`]).
     pub streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Refusals audited per actor (see [`REFUSALS_PER_MINUTE`]).
+    pub refusals: std::sync::Mutex<RefusalLimiter>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -261,17 +263,94 @@ async fn deny(
     attempted: &str,
     why: String,
 ) -> ApiError {
-    let _ = ask(st, |reply| Command::Denied {
-        actor: p.actor(),
-        action: action.into(),
-        subject: subject.into(),
-        attempted: attempted.into(),
-        why: why.clone(),
-        reply,
-    })
-    .await;
-    tracing::warn!(actor = %p.actor(), action, subject, %why, "change refused");
+    let admitted = st
+        .refusals
+        .lock()
+        .map(|mut l| l.admit(&p.actor(), crate::now_ms()))
+        .unwrap_or(Admit::Audit { suppressed: 0 });
+    match admitted {
+        Admit::Audit { suppressed } => {
+            let mut why_logged = why.clone();
+            if suppressed > 0 {
+                why_logged.push_str(&format!(
+                    " (and {suppressed} earlier refusals of this actor, not audited one by one)"
+                ));
+            }
+            let _ = ask(st, |reply| Command::Denied {
+                actor: p.actor(),
+                action: action.into(),
+                subject: clip(subject, AUDIT_FIELD_MAX),
+                attempted: clip(attempted, AUDIT_FIELD_MAX),
+                why: clip(&why_logged, AUDIT_FIELD_MAX),
+                reply,
+            })
+            .await;
+        }
+        Admit::Suppress => {}
+    }
+    tracing::warn!(actor = %p.actor(), action, subject = %clip(subject, 200), why = %clip(&why, 500), "change refused");
     ApiError::forbidden(why)
+}
+
+/// Longest field of a refusal's audit entry: the attempted body is evidence, not a copy.
+pub const AUDIT_FIELD_MAX: usize = 1024;
+/// Refusals of one actor audited one by one per minute; beyond, they are counted and the
+/// count goes into the actor's next audited refusal.
+pub const REFUSALS_PER_MINUTE: u32 = 20;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how long it was.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// Whether a refusal is audited.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Audit it; `suppressed` refusals of the actor before it were not.
+    Audit {
+        suppressed: u64,
+    },
+    Suppress,
+}
+
+/// Per actor: refusals in the current minute, and those not audited since the last audited.
+#[derive(Debug, Default)]
+pub struct RefusalLimiter {
+    actors: std::collections::HashMap<String, (i64, u32, u64)>,
+}
+
+impl RefusalLimiter {
+    pub fn admit(&mut self, actor: &str, now_ms: i64) -> Admit {
+        // Forget idle actors now and then, so the map stays small.
+        if self.actors.len() > 10_000 {
+            self.actors
+                .retain(|_, (start, _, _)| now_ms - *start < 60_000);
+        }
+        let (start, n, suppressed) = self
+            .actors
+            .entry(actor.to_owned())
+            .or_insert((now_ms, 0, 0));
+        if now_ms - *start >= 60_000 {
+            *start = now_ms;
+            *n = 0;
+        }
+        if *n < REFUSALS_PER_MINUTE {
+            *n += 1;
+            Admit::Audit {
+                suppressed: std::mem::take(suppressed),
+            }
+        } else {
+            *suppressed += 1;
+            Admit::Suppress
+        }
+    }
 }
 
 /// The owner a list or stream is confined to: an owner's own (asking for another's is 403),
@@ -1024,6 +1103,28 @@ async fn serve_connections(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #19: every refused POST stored its whole body (up to 64 KiB) in the audit log,
+    /// as often as a client cared to send it.
+    #[test]
+    fn refusals_are_clipped_and_rate_limited_per_actor() {
+        let body = "é".repeat(40_000);
+        let c = clip(&body, AUDIT_FIELD_MAX);
+        assert!(c.len() < AUDIT_FIELD_MAX + 32, "{}", c.len());
+        assert!(c.ends_with("… (80000 bytes)"), "{}", &c[c.len() - 40..]);
+        assert_eq!(clip("short", AUDIT_FIELD_MAX), "short");
+        let mut l = RefusalLimiter::default();
+        for _ in 0..REFUSALS_PER_MINUTE {
+            assert_eq!(l.admit("owner:a", 0), Admit::Audit { suppressed: 0 });
+        }
+        assert_eq!(l.admit("owner:a", 1_000), Admit::Suppress);
+        assert_eq!(l.admit("owner:a", 2_000), Admit::Suppress);
+        // Another actor is not held back by the first.
+        assert_eq!(l.admit("owner:b", 2_000), Admit::Audit { suppressed: 0 });
+        // The next minute: audited again, with the count of what was not.
+        assert_eq!(l.admit("owner:a", 60_000), Admit::Audit { suppressed: 2 });
+        assert_eq!(l.admit("owner:a", 60_001), Admit::Audit { suppressed: 0 });
+    }
 
     #[test]
     fn an_offset_beyond_any_page_is_a_bad_request() {

@@ -292,6 +292,7 @@ mod tests {
             shutdown,
             stall_after: std::time::Duration::from_secs(120),
             streams: Default::default(),
+            refusals: Default::default(),
         });
         let cfg = HttpConfig {
             listen: "127.0.0.1:0".into(),
@@ -388,6 +389,7 @@ mod tests {
     /// uses, so one client could hold every alert list up. Here the lock is held (as by a
     /// long `/api/alerts` query) and the replay still arrives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // the point: the lock is held while the replay runs
     async fn a_replay_does_not_wait_for_the_alerts_lock() {
         let f = fixture("replay", 64).await;
         for seq in 1..=50 {
