@@ -4,7 +4,7 @@
 //! durable, audited and published before the API answers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,10 +87,17 @@ pub enum Input {
         device: Option<String>,
         object: serde_json::Map<String, serde_json::Value>,
     },
-    Csv {
+    /// A devices.csv, parsed and checked row by row off the ingest task
+    /// ([`crate::registry::parse_device_rows`]).
+    DeviceRows {
         /// Name used in errors (`devices.csv:3: …`).
         file: String,
-        text: String,
+        rows: Vec<(u64, crate::registry::Device)>,
+    },
+    /// A verifications.csv, likewise ([`crate::registry::parse_verification_rows`]).
+    CertificateRows {
+        file: String,
+        rows: Vec<(u64, Id, crate::registry::Certificate)>,
     },
 }
 
@@ -623,13 +630,18 @@ fn register(
                 .map_err(Refusal::Invalid)?;
             (file, vec![(1, d)])
         }
-        Input::Csv { file, text } => {
+        Input::DeviceRows { file, rows } => {
             let file = PathBuf::from(file);
-            let parsed = p
-                .registry
-                .parse_devices(&file, &text)
+            p.registry
+                .validate_devices(&file, &rows)
                 .map_err(Refusal::Invalid)?;
-            (file, parsed)
+            (file, rows)
+        }
+        Input::CertificateRows { file, .. } => {
+            return Err(Refusal::Invalid(ImportError::whole(
+                Path::new(&file),
+                "certificates given where devices are expected".into(),
+            )))
         }
     };
     if let Some(owner) = scope {
@@ -703,13 +715,18 @@ fn record(
                 .map_err(Refusal::Invalid)?;
             (file, vec![(1, id, cert)])
         }
-        Input::Csv { file, text } => {
+        Input::CertificateRows { file, rows } => {
             let file = PathBuf::from(file);
-            let parsed = p
-                .registry
-                .parse_verifications(&file, &text)
+            p.registry
+                .validate_certificates(&file, &rows)
                 .map_err(Refusal::Invalid)?;
-            (file, parsed)
+            (file, rows)
+        }
+        Input::DeviceRows { file, .. } => {
+            return Err(Refusal::Invalid(ImportError::whole(
+                Path::new(&file),
+                "devices given where certificates are expected".into(),
+            )))
         }
     };
     let ids: Vec<Id> = parsed.iter().map(|(_, id, _)| id.clone()).collect();

@@ -253,12 +253,19 @@ pub mod systemd {
                 std::os::unix::net::SocketAddr::from_pathname(&path).ok()?
             };
             let socket = UnixDatagram::unbound().ok()?;
+            // Never block a runtime worker: a manager that does not read its socket (its
+            // queue full) loses a notification, it does not stall the gateway.
+            socket.set_nonblocking(true).ok()?;
             Some(Notifier { socket, addr })
         }
 
         pub fn notify(&self, state: &str) {
-            if let Err(e) = self.socket.send_to_addr(state.as_bytes(), &self.addr) {
-                tracing::warn!(error = %e, state, "cannot notify systemd");
+            match self.socket.send_to_addr(state.as_bytes(), &self.addr) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tracing::debug!(state, "service manager's socket full; notification dropped");
+                }
+                Err(e) => tracing::warn!(error = %e, state, "cannot notify systemd"),
             }
         }
     }

@@ -1511,3 +1511,156 @@ async fn api_closes_a_connection_that_never_finishes_its_headers() {
         "{got:?}"
     );
 }
+
+/// Issue #19: a CSV import was read whole (32 MiB) and parsed and validated (quadratically)
+/// on the ingest task before the owner check. Now: the role is checked before the body is
+/// read, an owner may send at most 1 MiB, and rows are parsed off the ingest task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_csv_import_is_authorised_first_and_limited_per_role() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(svc) = Services::get() else { return };
+    let api = Api::start(&svc, "apilim").await;
+    let tag = &api.a.tag;
+    let header = "id,kind,owner,site,agent,model,serial,accuracy_class,max,e,mpe_pct,interval_s,reference_device\n";
+    let row = |n: usize| {
+        format!(
+            "{tag}-L-{n},scale,{},{},{},FT-112,S{n},III,30,0.005,,60,\n",
+            api.a.owner, api.a.site, api.a.agent_a
+        )
+    };
+    // An owner's 1.2 MiB file: refused whole (413), nothing imported.
+    let mut big = header.to_string();
+    let mut n = 0;
+    while big.len() <= (1 << 20) + (200 << 10) {
+        big.push_str(&row(n));
+        n += 1;
+    }
+    let (s, body) = api
+        .post_csv("/api/import/devices", &api.tokens.owner_a, big.clone())
+        .await;
+    assert_eq!(s, 413, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("1048576 bytes"),
+        "{body}"
+    );
+    let (s, _) = api
+        .get(&format!("/api/devices/{tag}-L-0"), &api.tokens.admin)
+        .await;
+    assert_eq!(s, 404);
+    // The same file from the bureau's admin: imported.
+    let (s, body) = api
+        .post_csv("/api/import/devices", &api.tokens.admin, big)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["imported"], n);
+    // A role that may not import is answered before it sends its (announced 32 MiB) body.
+    let addr = api
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST /api/import/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: text/csv\r\nContent-Length: {}\r\n\r\n{header}",
+            api.tokens.supervisor,
+            32 << 20
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
+        .await
+        .expect("no answer until the whole body is sent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+}
+
+/// Issue #19: the burst loop took API commands before MQTT messages (`biased`), so a steady
+/// stream of API writes starved ingest for as long as it lasted. With fair turns, readings
+/// published while 32 clients re-register devices as fast as they can are all checked,
+/// and the writes go on too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_writes_do_not_starve_ingest() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// Clients writing at once: enough that one is always waiting for the ingest task.
+    const HAMMERS: usize = 32;
+    use std::sync::Arc;
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("apistarve");
+    let fleet = Fleet::new("apistarve", 300, 5);
+    let toml = setup_gateway(&dir, &fleet, &svc.mqtt_addr, "");
+    let admin = token(&toml, "admin", None, "ada-admin");
+    let gw = {
+        let (dir, toml) = (dir.clone(), toml.clone());
+        tokio::task::spawn_blocking(move || start_gateway(&dir, "gateway", &toml))
+            .await
+            .unwrap()
+    };
+    let base = format!("http://{}", gw.http_addr());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let mut hammers = Vec::new();
+    for i in 0..HAMMERS {
+        let (stop, writes, base, admin) =
+            (stop.clone(), writes.clone(), base.clone(), admin.clone());
+        let device = json!({"id": format!("{}-HAMMER-{i}", fleet.tag), "kind": "scale", "owner": fleet.owner,
+            "site": fleet.site, "agent": fleet.agent_a, "model": "FT-112", "serial": format!("H{i}"),
+            "accuracy_class": "III", "max": 30, "e": 0.005, "interval_s": 60});
+        hammers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http
+                    .post(format!("{base}/api/devices"))
+                    .bearer_auth(&admin)
+                    .json(&device)
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await;
+                if r.is_ok_and(|r| r.status().is_success()) {
+                    writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // The writes are in full swing before the readings come.
+    let swing = eventually(Duration::from_secs(30), || {
+        let n = writes.load(Ordering::Relaxed);
+        async move { (n >= 30).then_some(()) }
+    })
+    .await;
+    assert!(
+        swing.is_some(),
+        "the API writes do not go through:\n{}",
+        gw.log_text()
+    );
+    let mqtt = Mqtt::connect(&svc.mqtt_addr, &format!("apistarve-{}", std::process::id())).await;
+    let mut sims = Sims::default();
+    let mut published = 0;
+    for round in 0..fleet.rounds {
+        for agent in [&fleet.agent_a, &fleet.agent_b] {
+            if let Some(p) = fleet.batch(&mut sims, agent, round, round + 1) {
+                mqtt.publish_batch(agent, p).await;
+                published += 1;
+            }
+        }
+    }
+    mqtt.wait_acked(published, Duration::from_secs(30)).await;
+    let before = writes.load(Ordering::Relaxed);
+    let checked = all_checked(&fleet, &toml, Duration::from_secs(90), || {}).await;
+    let during = writes.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for h in hammers {
+        let _ = h.await;
+    }
+    assert!(
+        checked.is_some(),
+        "ingest starved by API writes ({during} writes meanwhile):\n{}",
+        gw.log_text()
+    );
+    assert!(during > 0, "the API was starved instead");
+}

@@ -32,36 +32,54 @@ async fn healthz(gw: &Proc) -> (u16, Json) {
     (code, r.json().await.unwrap())
 }
 
-/// Datagrams systemd would have received, within `limit`.
-fn notifications(sock: &UnixDatagram, limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
-        match sock.recv(&mut buf) {
-            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(_) => break,
-        }
-    }
-    got
+/// What systemd would have received: a thread reads the socket as systemd does (its queue
+/// holds only net.unix.max_dgram_qlen datagrams, 10 by default).
+#[derive(Clone)]
+struct Manager {
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// Waits for a notification that starts with `prefix`; returns the ones before it too.
-fn wait_notification(sock: &UnixDatagram, prefix: &str, limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        for n in notifications(sock, Duration::from_millis(200)) {
-            let done = n.starts_with(prefix);
-            seen.push(n);
-            if done {
-                return seen;
+impl Manager {
+    fn listen(sock: UnixDatagram) -> Manager {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                g.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
+        });
+        Manager { got }
+    }
+
+    fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Waits for a notification starting with `prefix` after the first `from`; its index.
+    fn wait(&self, from: usize, prefix: &str, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.got.lock().unwrap()[from..]
+                .iter()
+                .position(|n| n.starts_with(prefix))
+            {
+                return from + i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {prefix:?} notification within {limit:?}; got {:?}",
+                self.got.lock().unwrap()[from..].to_vec()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    panic!("no {prefix:?} notification within {limit:?}; got {seen:?}");
+
+    fn since(&self, from: usize) -> Vec<String> {
+        self.got.lock().unwrap()[from..].to_vec()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +96,7 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
         "[[sink]]\nkind = \"stdout\"\n[ingest]\nstall_after_s = 2\n",
     );
     let sock_path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let manager = Manager::listen(UnixDatagram::bind(&sock_path).unwrap());
     let mut gw = start_gateway_env(
         &dir,
         "gateway",
@@ -88,8 +106,9 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
             ("WATCHDOG_USEC", "400000"),
         ],
     );
-    let first = wait_notification(&sock, "WATCHDOG=1", Duration::from_secs(10));
-    assert_eq!(first[0], "READY=1", "{first:?}");
+    let fed = manager.wait(0, "WATCHDOG=1", Duration::from_secs(10));
+    assert_eq!(manager.since(0)[0], "READY=1", "{:?}", manager.since(0));
+    assert!(fed > 0);
     let (code, body) = healthz(&gw).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "ok");
@@ -111,12 +130,13 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
         reason.starts_with("broker connection down for "),
         "{reason}"
     );
-    wait_notification(
-        &sock,
+    let stalled_at = manager.wait(
+        0,
         "STATUS=stalled: broker connection down",
         Duration::from_secs(5),
     );
-    let later = notifications(&sock, Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = manager.since(stalled_at);
     assert!(
         !later.iter().any(|n| n == "WATCHDOG=1"),
         "the watchdog was fed while stalled: {later:?}"
@@ -131,7 +151,8 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
     .await
     .unwrap_or_else(|| panic!("healthz did not recover:\n{}", gw.log_text()));
     assert_eq!(healthy["broker_connected"], true);
-    wait_notification(&sock, "WATCHDOG=1", Duration::from_secs(5));
+    let back = manager.count();
+    manager.wait(back, "WATCHDOG=1", Duration::from_secs(5));
     let (code, out) = compose_healthcheck(&format!("http://{}/healthz", gw.http_addr()), gw.pid());
     assert_eq!(
         code, 0,
@@ -144,7 +165,7 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
         "{}",
         gw.log_text()
     );
-    wait_notification(&sock, "STOPPING=1", Duration::from_secs(2));
+    manager.wait(0, "STOPPING=1", Duration::from_secs(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
