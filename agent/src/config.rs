@@ -272,7 +272,16 @@ fn default_max_gap() -> u16 {
 impl AgentConfig {
     /// Loads `agent.toml` and every profile it names.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let (raw, text): (RawConfig, String) = tomlfile::load(path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole(path, format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `agent.toml` text that came from `path` (the profiles it names
+    /// are read, relative to `path`).
+    pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let text = text.to_owned();
+        let raw: RawConfig = tomlfile::parse(path, &text)?;
         let agent = Id::new(raw.agent).map_err(|e| {
             let at = text.find("agent").unwrap_or(0);
             ConfigError::at_offset(path, &text, at, format!("agent: {e}"))

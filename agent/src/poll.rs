@@ -51,7 +51,7 @@ pub fn now_ms() -> i64 {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum PollError {
+pub enum PollError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("transport: {0}")]
@@ -164,14 +164,35 @@ async fn run_plan(
         }
         results.push(r?);
     }
-    Ok(values
+    decode_results(plan, values, &results)
+}
+
+/// The values of `plan` from its reads' results (one per read, registers or one word per
+/// bit): what a device answered, so a result shorter than its read, or a missing one, is
+/// an error, never a panic.
+pub fn decode_results(
+    plan: &RequestPlan,
+    values: &[ValueDef],
+    results: &[Vec<u16>],
+) -> Result<Vec<Decoded>, PollError> {
+    values
         .iter()
         .zip(&plan.slots)
         .map(|(def, slot)| {
             let start = usize::from(slot.offset);
-            def.decode(&results[slot.read][start..start + usize::from(def.len)])
+            let end = start + usize::from(def.len);
+            let words = results
+                .get(slot.read)
+                .ok_or(PollError::Short { got: 0, want: end })?;
+            words
+                .get(start..end)
+                .map(|regs| def.decode(regs))
+                .ok_or(PollError::Short {
+                    got: words.len(),
+                    want: end,
+                })
         })
-        .collect())
+        .collect()
 }
 
 async fn connect(transport: &Transport, limit: Duration) -> Result<Context, PollError> {

@@ -216,8 +216,16 @@ struct RawSink {
 impl GatewayConfig {
     /// Loads and validates `gateway.toml`, reading the secret files it names.
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let (raw, text): (RawConfig, String) = tomlfile::load(path)?;
-        Self::from_raw(path, &text, raw)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole(path, format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `gateway.toml` text that came from `path` (secret files it
+    /// names are read, relative to `path`).
+    pub fn parse(path: &Path, text: &str) -> Result<GatewayConfig, ConfigError> {
+        let raw: RawConfig = tomlfile::parse(path, text)?;
+        Self::from_raw(path, text, raw)
     }
 
     fn from_raw(path: &Path, text: &str, raw: RawConfig) -> Result<GatewayConfig, ConfigError> {

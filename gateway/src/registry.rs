@@ -544,14 +544,7 @@ impl Registry {
         source: &Path,
         obj: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Device, ImportError> {
-        let err = |reason: String| ImportError::whole(source, reason);
-        let row = json_row(obj, &DEVICE_COLUMNS).map_err(err)?;
-        let parsed = [(1, parse_device(&row).map_err(err)?)];
-        if parsed[0].1.reference_device.as_ref() == Some(&parsed[0].1.id) {
-            return Err(err(
-                "reference_device: a device cannot be its own reference".into(),
-            ));
-        }
+        let parsed = [(1, device_from_json(source, obj)?)];
         self.validate_devices(source, &parsed)
             .map_err(|e| ImportError::whole(source, e.reason))?;
         let [(_, d)] = parsed;
@@ -674,12 +667,7 @@ impl Registry {
         obj: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Certificate, ImportError> {
         let err = |reason: String| ImportError::whole(source, reason);
-        if obj.contains_key("device") {
-            return Err(err("device: given by the path, not the body".into()));
-        }
-        let mut row = json_row(obj, &VERIFICATION_COLUMNS[1..]).map_err(err)?;
-        row.insert("device", device.to_string());
-        let (id, cert) = parse_verification(&row).map_err(err)?;
+        let (id, cert) = certificate_from_json(source, device, obj)?;
         if !self.devices.contains(id.as_str()) {
             return Err(err(format!("device: unknown device {id}")));
         }
@@ -834,6 +822,39 @@ fn json_row(
 
 /// Reads CSV text with a header naming exactly `columns` (any order), returning each
 /// row keyed by column with its 1-based line number.
+/// A device given as a JSON object with the columns of `devices.csv`, validated on its own
+/// (what needs the registry is [`Registry::validate_devices`]). Pure.
+pub fn device_from_json(
+    source: &Path,
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Device, ImportError> {
+    let err = |reason: String| ImportError::whole(source, reason);
+    let row = json_row(obj, &DEVICE_COLUMNS).map_err(err)?;
+    let d = parse_device(&row).map_err(err)?;
+    if d.reference_device.as_ref() == Some(&d.id) {
+        return Err(err(
+            "reference_device: a device cannot be its own reference".into(),
+        ));
+    }
+    Ok(d)
+}
+
+/// A certificate of `device` given as a JSON object with the columns of
+/// `verifications.csv` but `device`, validated on its own. Pure.
+pub fn certificate_from_json(
+    source: &Path,
+    device: &str,
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Id, Certificate), ImportError> {
+    let err = |reason: String| ImportError::whole(source, reason);
+    if obj.contains_key("device") {
+        return Err(err("device: given by the path, not the body".into()));
+    }
+    let mut row = json_row(obj, &VERIFICATION_COLUMNS[1..]).map_err(err)?;
+    row.insert("device", device.to_string());
+    parse_verification(&row).map_err(err)
+}
+
 /// The rows of a `devices.csv`, each validated on its own and against the file (no id
 /// twice, no device its own reference); what needs the registry is
 /// [`Registry::validate_devices`]. Pure and linear: the API runs it off the ingest task.

@@ -36,8 +36,8 @@ use crate::{MAX_BATCH_BYTES, MAX_READINGS, VERSION};
 mod scan;
 mod view;
 
-#[cfg(test)]
-pub(crate) use view::assert_decoders_agree;
+#[doc(hidden)]
+pub use view::assert_decoders_agree;
 pub use view::{BatchDecoder, BatchView, ReadingRef, TextIter, ValuesRef};
 
 /// Integral values below this magnitude are written as JSON integers; they are exact in `f64`.

@@ -18,6 +18,8 @@ pub mod status;
 pub mod topic;
 
 pub use alert::{AlertEvent, AlertKind, AlertState, Severity, UnknownVariantError};
+#[doc(hidden)]
+pub use batch::assert_decoders_agree;
 pub use batch::{BatchDecoder, BatchView, Reading, ReadingBatch, ReadingRef, Value, ValuesRef};
 pub use error::{DecodeError, EncodeError, RejectReason};
 pub use id::{is_valid_id, Id, IdError};

@@ -337,8 +337,9 @@ impl BatchDecoder {
 
 /// Decodes `bytes` with a [`BatchDecoder`] and with [`ReadingBatch::decode`], asserts that
 /// both give the same answer (numbers bit for bit), and says whether the fast path took it.
-#[cfg(test)]
-pub(crate) fn assert_decoders_agree(bytes: &[u8]) -> bool {
+/// For the tests and the fuzz target `batch_decode` (it panics on a disagreement).
+#[doc(hidden)]
+pub fn assert_decoders_agree(bytes: &[u8]) -> bool {
     let expected = ReadingBatch::decode(bytes);
     let mut decoder = BatchDecoder::new();
     if let Ok(view) = decoder.decode(bytes) {
