@@ -260,3 +260,119 @@ fn compose_healthcheck(url: &str, pid: u32) -> (i32, String) {
         ),
     )
 }
+
+/// A disk that does not answer: the registry locked by another process (`BEGIN EXCLUSIVE`
+/// from the sqlite3 shell), so the state commit waits. `/healthz` names the job that does
+/// not end, SIGTERM ends the process within `shutdown_timeout_s` all the same (exit 3 when
+/// the bound cut it short), and after the lock is gone a restart checks every reading
+/// exactly once: nothing acked was lost, nothing is checked twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_registry_cannot_hold_the_shutdown_and_loses_nothing() {
+    use std::io::Write as _;
+    let Some(svc) = Services::get() else { return };
+    let dir = svc.test_dir("gateway-watchdog-lock");
+    let port = free_port();
+    let _broker = Mosquitto::start(&dir, port);
+    let addr = format!("127.0.0.1:{port}");
+    let fleet = Fleet::new("wdl", 200, 0);
+    let toml = setup_gateway(
+        &dir,
+        &fleet,
+        &addr,
+        &format!(
+            "[[sink]]\nkind = \"influx_v1\"\nurl = \"{}\"\ndb = \"{}\"\n\
+             [ingest]\nstall_after_s = 2\nshutdown_timeout_s = 3\n",
+            svc.influx_v1_url, svc.influx_v1_db
+        ),
+    );
+    let mut gw = start_gateway(&dir, "gateway", &toml);
+    let mut lock = std::process::Command::new("sqlite3")
+        .arg(dir.join("registry.db"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut shell = lock.stdin.take().unwrap();
+    // Waits for the gateway's own commits (busy timeout), then holds the write lock.
+    shell
+        .write_all(
+            b".timeout 20000\nBEGIN EXCLUSIVE;\nINSERT INTO alert_log (owner, event) VALUES ('x', 'x');\nSELECT 'locked';\n",
+        )
+        .unwrap();
+    shell.flush().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+
+    let mqtt = Mqtt::connect(&addr, &format!("wdl-test-{}", std::process::id())).await;
+    let mut sims = Sims::default();
+    let mut published = 0;
+    for round in 0..fleet.rounds {
+        for agent in fleet.agents() {
+            if let Some(p) = fleet.batch(&mut sims, &agent, round, round + 1) {
+                mqtt.publish_batch(&agent, p).await;
+                published += 1;
+            }
+        }
+    }
+    mqtt.wait_acked(published, Duration::from_secs(30)).await;
+    let stalled = eventually(Duration::from_secs(60), || async {
+        let (code, body) = healthz(&gw).await;
+        (code == 503).then_some(body)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "healthz never reported the stuck commit:\n{}",
+            gw.log_text()
+        )
+    });
+    assert!(
+        stalled["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has been running for"),
+        "{stalled}"
+    );
+
+    let t = Instant::now();
+    let code = gw.terminate(Duration::from_secs(15));
+    let took = t.elapsed();
+    eprintln!("locked registry: SIGTERM → exit {code:?} after {took:?}");
+    assert!(
+        matches!(code, Some(0) | Some(3)),
+        "exit {code:?}:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "stopped after {took:?} (bound 3 s)"
+    );
+    if code == Some(3) {
+        assert!(gw
+            .log_text()
+            .contains("not stopped within ingest.shutdown_timeout_s"));
+    }
+
+    // The lock goes; a restart takes the redelivered rest, each reading once.
+    drop(shell);
+    let _ = lock.wait();
+    let gw2 = start_gateway(&dir, "gateway-2", &toml);
+    let dump = all_checked(&fleet, &toml, Duration::from_secs(60), || {})
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "not every reading checked after the restart:\n{}",
+                gw2.log_text()
+            )
+        });
+    for d in &fleet.devices {
+        let l = dump.iter().find(|l| l["device"] == d.id.as_str()).unwrap();
+        assert_eq!(l["state"]["last_seq"], fleet.sent(d), "{}", d.id);
+        assert_eq!(l["gaps"], 0, "{}", d.id);
+    }
+}
