@@ -272,19 +272,21 @@ fn default_max_gap() -> u16 {
 impl AgentConfig {
     /// Loads `agent.toml` and every profile it names.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::whole(path, format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        let (raw, text): (RawConfig, String) = tomlfile::load(path)?;
+        Self::from_raw(path, &text, raw)
     }
 
     /// Parses and validates `agent.toml` text that came from `path` (the profiles it names
     /// are read, relative to `path`).
     pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
-        let text = text.to_owned();
-        let raw: RawConfig = tomlfile::parse(path, &text)?;
+        let raw: RawConfig = tomlfile::parse(path, text)?;
+        Self::from_raw(path, text, raw)
+    }
+
+    fn from_raw(path: &Path, text: &str, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         let agent = Id::new(raw.agent).map_err(|e| {
             let at = text.find("agent").unwrap_or(0);
-            ConfigError::at_offset(path, &text, at, format!("agent: {e}"))
+            ConfigError::at_offset(path, text, at, format!("agent: {e}"))
         })?;
         if raw.batch.max_readings == 0 || raw.batch.max_readings > calwatch_protocol::MAX_READINGS {
             return Err(ConfigError::whole(
@@ -308,7 +310,7 @@ impl AgentConfig {
         let mut ids: std::collections::HashSet<Id> = std::collections::HashSet::new();
         for spanned in raw.device {
             let offset = spanned.span().start;
-            let err = |m: String| ConfigError::at_offset(path, &text, offset, m);
+            let err = |m: String| ConfigError::at_offset(path, text, offset, m);
             let d = spanned.into_inner();
             let id = Id::new(d.id).map_err(|e| err(format!("device id: {e}")))?;
             if !ids.insert(id.clone()) {

@@ -615,7 +615,9 @@ fn register(
     now: i64,
     out: &mut crate::ingest::Output,
 ) -> Result<Vec<Id>, Refusal> {
-    let (file, parsed) = match input {
+    // A file's rows are parsed (off this task) but not yet checked against the registry:
+    // that comes after the owner's rights, so a refused file costs nothing more.
+    let (file, parsed, from_file) = match input {
         Input::Json { object, .. } => {
             let file = PathBuf::from("request body");
             let mut object = object;
@@ -628,15 +630,9 @@ fn register(
                 .registry
                 .parse_device_json(&file, &object)
                 .map_err(Refusal::Invalid)?;
-            (file, vec![(1, d)])
+            (file, vec![(1, d)], false)
         }
-        Input::DeviceRows { file, rows } => {
-            let file = PathBuf::from(file);
-            p.registry
-                .validate_devices(&file, &rows)
-                .map_err(Refusal::Invalid)?;
-            (file, rows)
-        }
+        Input::DeviceRows { file, rows } => (PathBuf::from(file), rows, true),
         Input::CertificateRows { file, .. } => {
             return Err(Refusal::Invalid(ImportError::whole(
                 Path::new(&file),
@@ -646,7 +642,7 @@ fn register(
     };
     if let Some(owner) = scope {
         for (line, d) in &parsed {
-            let at = if parsed.len() > 1 {
+            let at = if from_file {
                 format!("{}:{line}: ", file.display())
             } else {
                 String::new()
@@ -665,6 +661,11 @@ fn register(
                 }
             }
         }
+    }
+    if from_file {
+        p.registry
+            .validate_devices(&file, &parsed)
+            .map_err(Refusal::Invalid)?;
     }
     let ids: Vec<Id> = parsed.iter().map(|(_, d)| d.id.clone()).collect();
     p.registry

@@ -216,9 +216,8 @@ struct RawSink {
 impl GatewayConfig {
     /// Loads and validates `gateway.toml`, reading the secret files it names.
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::whole(path, format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        let (raw, text): (RawConfig, String) = tomlfile::load(path)?;
+        Self::from_raw(path, &text, raw)
     }
 
     /// Parses and validates `gateway.toml` text that came from `path` (secret files it

@@ -75,8 +75,8 @@ impl IngestHealth {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// A message arrived; returns the messages and bytes now waiting.
-    pub fn received(&self, bytes: usize) -> (u64, u64) {
+    /// A message arrived.
+    pub fn received(&self, bytes: usize) {
         let n = self.pending.fetch_add(1, Ordering::Relaxed) + 1;
         let b = self
             .pending_bytes
@@ -84,7 +84,6 @@ impl IngestHealth {
             + bytes as u64;
         self.peak_pending.fetch_max(n, Ordering::Relaxed);
         self.peak_pending_bytes.fetch_max(b, Ordering::Relaxed);
-        (n, b)
     }
 
     /// `n` messages of `bytes` were acknowledged (or dropped to be redelivered).

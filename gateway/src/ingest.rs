@@ -964,7 +964,7 @@ async fn source(
     tx: mpsc::UnboundedSender<Publish>,
     metrics: Arc<Metrics>,
     max_pending: u64,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> bool {
     // Alert events and acks are small: no Nagle delay (40 ms with delayed ACKs).
     eventloop.network_options.set_tcp_nodelay(true);
@@ -1019,9 +1019,11 @@ async fn source(
                 let wait = backoff.delay(failures);
                 failures = failures.saturating_add(1);
                 tracing::warn!(broker = %url, error = %e, retry_in = ?wait, "broker connection lost");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.wait_for(|s| *s) => return false,
+                if unless_stopping(tokio::time::sleep(wait), &shutdown)
+                    .await
+                    .is_none()
+                {
+                    return false;
                 }
             }
         }
@@ -1042,15 +1044,26 @@ async fn ack(client: &AsyncClient, m: &Publish, shutdown: &watch::Receiver<bool>
     if client.try_ack(m).is_ok() {
         return true;
     }
-    let mut shutdown = shutdown.clone();
-    tokio::select! {
-        r = client.ack(m) => {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
-            }
+    match unless_stopping(client.ack(m), shutdown).await {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
             true
         }
-        _ = shutdown.wait_for(|s| *s) => false,
+        None => false,
+    }
+}
+
+/// `fut`, unless the gateway is asked to stop first (then `None`): every wait of ingest on
+/// something other than the broker connection ends with the shutdown.
+async fn unless_stopping<T>(
+    fut: impl std::future::Future<Output = T>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<T> {
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        r = fut => Some(r),
+        _ = shutdown.wait_for(|s| *s) => None,
     }
 }
 
@@ -1069,10 +1082,10 @@ async fn publish(
         let sent = match client.try_publish(&topic, QoS::AtLeastOnce, false, e.encode()) {
             Ok(()) => Ok(()),
             Err(_) => {
-                let mut shutdown = shutdown.clone();
-                tokio::select! {
-                    r = client.publish(topic, QoS::AtLeastOnce, false, e.encode()) => r,
-                    _ = shutdown.wait_for(|s| *s) => return,
+                let publish = client.publish(topic, QoS::AtLeastOnce, false, e.encode());
+                match unless_stopping(publish, shutdown).await {
+                    Some(r) => r,
+                    None => return,
                 }
             }
         };

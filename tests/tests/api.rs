@@ -1477,11 +1477,7 @@ async fn api_closes_a_connection_that_never_finishes_its_headers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(svc) = Services::get() else { return };
     let api = Api::start(&svc, "slowloris").await;
-    let addr = api
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = api.gw.http_addr();
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -1554,11 +1550,7 @@ async fn api_csv_import_is_authorised_first_and_limited_per_role() {
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["imported"], n);
     // A role that may not import is answered before it sends its (announced 32 MiB) body.
-    let addr = api
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = api.gw.http_addr();
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     tcp.write_all(
         format!(

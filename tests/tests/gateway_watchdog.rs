@@ -32,6 +32,15 @@ async fn healthz(gw: &Proc) -> (u16, Json) {
     (code, r.json().await.unwrap())
 }
 
+/// `/healthz`'s body once it answers `code`, within `limit`.
+async fn healthz_answers(gw: &Proc, code: u16, limit: Duration) -> Option<Json> {
+    eventually(limit, || async {
+        let (got, body) = healthz(gw).await;
+        (got == code).then_some(body)
+    })
+    .await
+}
+
 /// What systemd would have received: a thread reads the socket as systemd does (its queue
 /// holds only net.unix.max_dgram_qlen datagrams, 10 by default).
 #[derive(Clone)]
@@ -117,12 +126,9 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
     // The broker goes away: past stall_after_s, 503 with the reason, and the watchdog
     // is no longer fed.
     broker.stop();
-    let stalled = eventually(Duration::from_secs(20), || async {
-        let (code, body) = healthz(&gw).await;
-        (code == 503).then_some(body)
-    })
-    .await
-    .expect("healthz never turned 503 with the broker down");
+    let stalled = healthz_answers(&gw, 503, Duration::from_secs(20))
+        .await
+        .expect("healthz never turned 503 with the broker down");
     assert_eq!(stalled["status"], "stalled");
     assert_eq!(stalled["broker_connected"], false);
     let reason = stalled["reason"].as_str().unwrap();
@@ -144,12 +150,9 @@ async fn a_lost_broker_turns_healthz_503_and_starves_the_systemd_watchdog() {
 
     // Back: healthy again, the watchdog fed again.
     broker.restart();
-    let healthy = eventually(Duration::from_secs(60), || async {
-        let (code, body) = healthz(&gw).await;
-        (code == 200).then_some(body)
-    })
-    .await
-    .unwrap_or_else(|| panic!("healthz did not recover:\n{}", gw.log_text()));
+    let healthy = healthz_answers(&gw, 200, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("healthz did not recover:\n{}", gw.log_text()));
     assert_eq!(healthy["broker_connected"], true);
     let back = manager.count();
     manager.wait(back, "WATCHDOG=1", Duration::from_secs(5));
@@ -197,12 +200,9 @@ async fn a_full_sink_queue_is_reported_and_sigterm_still_ends_the_gateway() {
             }
         }
     }
-    let stalled = eventually(Duration::from_secs(120), || async {
-        let (code, body) = healthz(&gw).await;
-        (code == 503).then_some(body)
-    })
-    .await
-    .unwrap_or_else(|| panic!("healthz never reported the full queue:\n{}", gw.log_text()));
+    let stalled = healthz_answers(&gw, 503, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|| panic!("healthz never reported the full queue:\n{}", gw.log_text()));
     let reason = stalled["reason"].as_str().unwrap();
     assert!(reason.contains("a full sink queue"), "{reason}");
     assert!(stalled["pending"].as_u64().unwrap() > 0, "{stalled}");
@@ -320,17 +320,14 @@ async fn a_locked_registry_cannot_hold_the_shutdown_and_loses_nothing() {
         }
     }
     mqtt.wait_acked(published, Duration::from_secs(30)).await;
-    let stalled = eventually(Duration::from_secs(60), || async {
-        let (code, body) = healthz(&gw).await;
-        (code == 503).then_some(body)
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "healthz never reported the stuck commit:\n{}",
-            gw.log_text()
-        )
-    });
+    let stalled = healthz_answers(&gw, 503, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "healthz never reported the stuck commit:\n{}",
+                gw.log_text()
+            )
+        });
     assert!(
         stalled["reason"]
             .as_str()

@@ -736,14 +736,13 @@ async fn import(
     };
     // Authorised first: the token and the role are checked before a byte of the body is read.
     let p = principal(st, headers)?;
-    let declared = headers
+    let attempted = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .map_or_else(
             || "a body of undeclared size".to_owned(),
             |n| format!("{n} bytes"),
         );
-    let attempted = declared.clone();
     if !allowed(p.role, action) {
         let why = match kind {
             ImportKind::Devices => format!("a {} token may not import devices", p.role.as_str()),
@@ -769,34 +768,29 @@ async fn import(
     })?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|e| ApiError::bad_request(format!("body: not UTF-8: {e}")))?;
-    // Parsed and checked row by row here, off the ingest task (linear); the ingest task only
-    // checks what needs the registry and writes.
-    let (name, scope) = (file.clone(), p.scope().cloned());
-    let parsed = tokio::task::spawn_blocking(move || {
-        let path = std::path::Path::new(&name);
-        match kind {
-            ImportKind::Devices => crate::registry::parse_device_rows(path, &text).map(|rows| {
-                // An owner's file names its own owner id only: refused before anything else.
-                let foreign = scope.as_ref().and_then(|o| {
-                    rows.iter()
-                        .find(|(_, d)| &d.owner != o)
-                        .map(|(line, _)| format!("{name}:{line}: owner: an owner token registers devices of its own owner id only ({o})"))
-                });
-                (Input::DeviceRows { file: name.clone(), rows }, foreign)
-            }),
-            ImportKind::Verifications => crate::registry::parse_verification_rows(path, &text)
-                .map(|rows| (Input::CertificateRows { file: name.clone(), rows }, None)),
-        }
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("import task: {e}")))?;
-    let input = match parsed {
-        Ok((_, Some(why))) => {
-            return Err(deny(st, &p, audit_action, &file, &attempted, why).await);
-        }
-        Ok((input, None)) => input,
-        Err(e) => return Err(refusal(Refusal::Invalid(e))),
-    };
+    // Parsed and checked row by row here, off the ingest task (linear); the ingest task
+    // checks the owner's rights first, then what needs the registry, and writes.
+    let name = file.clone();
+    let input =
+        tokio::task::spawn_blocking(move || {
+            let path = std::path::Path::new(&name);
+            match kind {
+                ImportKind::Devices => {
+                    crate::registry::parse_device_rows(path, &text).map(|rows| Input::DeviceRows {
+                        file: name.clone(),
+                        rows,
+                    })
+                }
+                ImportKind::Verifications => crate::registry::parse_verification_rows(path, &text)
+                    .map(|rows| Input::CertificateRows {
+                        file: name.clone(),
+                        rows,
+                    }),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("import task: {e}")))?
+        .map_err(|e| refusal(Refusal::Invalid(e)))?;
     let actor = p.actor();
     let result = match kind {
         ImportKind::Devices => {
