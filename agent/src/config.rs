@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use calwatch_protocol::node::mqtt::MqttConfig;
+use calwatch_protocol::node::tomlfile::{self, ConfigError};
 use calwatch_protocol::Id;
 use serde::Deserialize;
 
-use crate::mqtt::MqttConfig;
 use crate::profile::Profile;
-use crate::tomlfile::{self, ConfigError};
 
 /// The agent's configuration, parsed and validated.
 #[derive(Clone, Debug)]

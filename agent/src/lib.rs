@@ -3,17 +3,17 @@
 //! The data flows one way: [`poll`] (with [`plan`] and [`profile`] decoding) → [`publish`].
 #![forbid(unsafe_code)]
 
-pub mod backoff;
 pub mod config;
-pub mod mqtt;
 pub mod plan;
 pub mod poll;
-pub mod process;
 pub mod profile;
 pub mod publish;
 pub mod seq;
 pub mod simulate;
-pub mod tomlfile;
+
+/// Shared with the gateway, now in [`calwatch_protocol::node`]; re-exported so the old
+/// `calwatch_agent::{backoff, mqtt, process, tomlfile}` paths keep working.
+pub use calwatch_protocol::node::{backoff, mqtt, process, tomlfile};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

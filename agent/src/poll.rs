@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use calwatch_protocol::node::backoff::Backoff;
 use calwatch_protocol::{DeviceHealth, DeviceInfo, Id, Reading, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -18,7 +19,6 @@ use tokio_modbus::client::{rtu, tcp, Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::Slave;
 
-use crate::backoff::Backoff;
 use crate::config::{DeviceConfig, SerialLine, Transport};
 use crate::plan::{Read, RequestPlan};
 use crate::profile::{Decoded, Table, ValueDef};

@@ -5,10 +5,9 @@
 
 use std::path::Path;
 
+use calwatch_protocol::node::tomlfile::{self, ConfigError};
 use calwatch_protocol::Id;
 use serde::Deserialize;
-
-use crate::tomlfile::{self, ConfigError};
 
 /// What kind of instrument a profile describes; selects the gateway's checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -636,6 +635,6 @@ bit = 1
     }
 
     fn line_of_str(text: &str, needle: &str) -> usize {
-        crate::tomlfile::line_of(text, text.find(needle).unwrap())
+        tomlfile::line_of(text, text.find(needle).unwrap())
     }
 }

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use calwatch_protocol::node::backoff::Backoff;
+use calwatch_protocol::node::mqtt::MqttConfig;
 use calwatch_protocol::{
     readings_topic, status_topic, AgentState, AgentStatus, Id, Reading, ReadingBatch, RejectReason,
     SpoolStatus,
@@ -31,9 +33,7 @@ use rumqttc::{
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
 use crate::config::{BatchConfig, PublishConfig};
-use crate::mqtt::MqttConfig;
 use crate::poll::{now_ms, SharedHealth};
 
 /// How often the retained status is refreshed.

@@ -7,6 +7,9 @@
 //! the serde decoder ([`ReadingBatch::decode`]: one `serde_json` pass into hand-written
 //! visitors), which is also the reference the fast path is tested against. Only a rejected
 //! payload pays for a further pass that finds the offending field and its [`RejectReason`].
+//!
+//! With the `node` feature, [`node`] also holds the code both binaries share beyond the wire
+//! format: backoff, MQTT connection settings, TOML config files and process setup.
 #![forbid(unsafe_code)]
 
 pub mod alert;
@@ -14,6 +17,8 @@ pub mod batch;
 pub mod error;
 pub mod id;
 mod json;
+#[cfg(feature = "node")]
+pub mod node;
 pub mod status;
 pub mod topic;
 

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use calwatch_agent::config::AgentConfig;
-use calwatch_agent::process::{init_tracing, shutdown_signal};
 use calwatch_agent::profile::Profile;
 use calwatch_agent::simulate::{self, Fleet};
+use calwatch_protocol::node::process::{init_tracing, shutdown_signal};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 

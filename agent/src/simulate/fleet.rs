@@ -42,11 +42,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use calwatch_protocol::node::tomlfile::{self, ConfigError};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::profile::{InstrumentKind, Profile};
-use crate::tomlfile::{self, ConfigError};
 
 /// The framing a simulated port speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde::Deserialize;
 
-use crate::tomlfile::{self, ConfigError};
+use super::tomlfile::{self, ConfigError};
 
 /// Environment variable holding the MQTT password when no `password_file` is given.
 pub const PASSWORD_ENV: &str = "CALWATCH_MQTT_PASSWORD";
@@ -131,10 +131,7 @@ impl MqttConfig {
         let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
         opts.set_keep_alive(Duration::from_secs(self.keep_alive_s));
         // Batches are up to 256 KiB; leave room for the topic and headers.
-        opts.set_max_packet_size(
-            calwatch_protocol::MAX_BATCH_BYTES + 4096,
-            calwatch_protocol::MAX_BATCH_BYTES + 4096,
-        );
+        opts.set_max_packet_size(crate::MAX_BATCH_BYTES + 4096, crate::MAX_BATCH_BYTES + 4096);
         if let Some(user) = &self.username {
             let password = match &self.password_file {
                 Some(f) => std::fs::read_to_string(f)
