@@ -10,10 +10,10 @@ use calwatch_agent::config::AgentConfig;
 use calwatch_agent::plan::RequestPlan;
 use calwatch_agent::poll::decode_results;
 use calwatch_agent::profile::{Profile, ValueDef};
-use calwatch_gateway::config::GatewayConfig;
-use calwatch_gateway::registry::{
+use calwatch_gateway::bench::{
     certificate_from_json, device_from_json, parse_device_rows, parse_verification_rows,
 };
+use calwatch_gateway::config::GatewayConfig;
 use calwatch_protocol::{assert_decoders_agree, AgentStatus, AlertEvent, ReadingBatch};
 
 /// A target's check: panics when the property does not hold for the input.

@@ -19,11 +19,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use calwatch_gateway::alerts::AlertBook;
-use calwatch_gateway::checks::CheckConfig;
-use calwatch_gateway::ingest::{Output, Pipeline};
-use calwatch_gateway::metrics::Metrics;
-use calwatch_gateway::registry::{Certificate, Device, DeviceKind, Registry};
+use calwatch_gateway::bench::{
+    AlertBook, Certificate, CheckConfig, Device, DeviceKind, Devices, Metrics, Output, Pipeline,
+};
 use calwatch_protocol::{readings_topic, Id, Reading, ReadingBatch, Value};
 
 const PER_AGENT: usize = 1_000;
@@ -227,7 +225,7 @@ fn main() {
 
     let rss0 = vm_rss_kib();
     let devices: Vec<Device> = (0..devices_n).map(device).collect();
-    let registry = Registry::from_devices(devices).unwrap();
+    let registry = Devices::from_devices(devices);
     let metrics = Arc::new(Metrics::new(Vec::new()));
     let cfg = CheckConfig::default();
     let mut pipeline = Pipeline::new(
@@ -329,9 +327,9 @@ fn main() {
     println!(
         "  inline sizes: Device {} B, SavedDevice {} B = checks::DeviceState {} B (of which DriftSources {} B, Presence {} B) + counters",
         std::mem::size_of::<Device>(),
-        std::mem::size_of::<calwatch_gateway::store::SavedDevice>(),
-        std::mem::size_of::<calwatch_gateway::checks::DeviceState>(),
-        std::mem::size_of::<calwatch_gateway::checks::DriftSources>(),
-        std::mem::size_of::<calwatch_gateway::checks::Presence>(),
+        std::mem::size_of::<calwatch_gateway::bench::SavedDevice>(),
+        std::mem::size_of::<calwatch_gateway::bench::DeviceState>(),
+        std::mem::size_of::<calwatch_gateway::bench::DriftSources>(),
+        std::mem::size_of::<calwatch_gateway::bench::Presence>(),
     );
 }

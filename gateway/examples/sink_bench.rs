@@ -11,9 +11,8 @@ use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use calwatch_gateway::bench::{start_writers, LineBuffer, Queues};
 use calwatch_gateway::config::{QueueConfig, Sink, SinkConfig};
-use calwatch_gateway::sink::line::LineBuffer;
-use calwatch_gateway::sink::{start_writers, Queues};
 
 fn cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

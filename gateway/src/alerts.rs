@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use calwatch_protocol::{AlertEvent, AlertKind, AlertState, Id};
 
 use crate::checks::Verdict;
-use crate::registry::Device;
+use crate::domain::Device;
 
 /// Default hold time before a cleared condition resolves its alert: 10 min.
-pub const DEFAULT_HOLD_MS: i64 = 10 * 60 * 1000;
+pub(crate) const DEFAULT_HOLD_MS: i64 = 10 * 60 * 1000;
 
 /// An open alert and when its condition was last seen to clear.
 #[derive(Clone, Debug, PartialEq)]
@@ -245,7 +245,7 @@ fn unmark_clearing(clearing: &mut HashMap<Id, Vec<AlertKind>>, device: &Id, kind
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::DeviceKind;
+    use crate::domain::DeviceKind;
     use calwatch_protocol::Severity;
 
     fn device() -> Device {

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 
 /// Why the embedded broker could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     #[error("embedded broker config: {0}")]
     Config(String),
 }
 
 /// Starts rumqttd on `listen` on its own threads; it runs until the process exits.
-pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
+pub(crate) fn start(listen: SocketAddr) -> Result<(), BrokerError> {
     // Payloads up to the contract's 256 KiB batch, plus headroom for topic and header.
     let text = format!(
         r#"

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use calwatch_agent::mqtt::MqttConfig;
-use calwatch_agent::tomlfile::{self, ConfigError};
+use calwatch_protocol::node::mqtt::MqttConfig;
+use calwatch_protocol::node::tomlfile::{self, ConfigError};
 use serde::Deserialize;
 
 use crate::checks::CheckConfig;
@@ -47,16 +47,24 @@ pub struct IngestConfig {
     pub shutdown_timeout: Duration,
     /// Messages received from the broker and not yet acknowledged beyond which the gateway
     /// takes no more until they are processed (`max_pending`, default 65,536; see
-    /// [`crate::ingest::DEFAULT_MAX_PENDING`]).
+    /// [`DEFAULT_MAX_PENDING`]).
     pub max_pending: u64,
 }
+
+/// Messages received and not yet acknowledged beyond which the source takes no more
+/// (`[ingest] max_pending`; DESIGN "The gateway never stalls"). A broker's in-flight limit
+/// does not bound this: mosquitto 2.0 hands a resumed session's whole queue over at once
+/// (65,324 messages, 94 MB, were waiting in the flood test with `max_inflight_messages 100`).
+/// What arrives beyond the bound is dropped *unacknowledged*; once everything taken is
+/// processed, the source reconnects and the persistent session redelivers it.
+pub const DEFAULT_MAX_PENDING: u64 = 65_536;
 
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             stall_after: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(20),
-            max_pending: crate::ingest::DEFAULT_MAX_PENDING,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 }

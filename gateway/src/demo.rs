@@ -25,7 +25,7 @@ use calwatch_protocol::{AlertEvent, AlertState};
 use tokio::sync::watch;
 
 use crate::config::GatewayConfig;
-use crate::registry::Registry;
+use crate::persist::registry::Registry;
 use crate::Gateway;
 
 const PROFILES: [(&str, &str); 3] = [
@@ -95,10 +95,10 @@ pub fn shift_certificates(csv_text: &str, days: i64) -> Result<String, DemoError
         let mut row: Vec<String> = record.iter().map(str::to_string).collect();
         for (i, name) in headers.iter().enumerate() {
             if (name == "verified_at" || name == "valid_until") && !row[i].is_empty() {
-                let at = crate::civil::parse_iso8601(&row[i])
+                let at = crate::domain::civil::parse_iso8601(&row[i])
                     .map_err(setup)?
                     .start_ms();
-                row[i] = crate::civil::format_date(at + days * DAY_MS);
+                row[i] = crate::domain::civil::format_date(at + days * DAY_MS);
             }
         }
         writer.write_record(&row).map_err(setup)?;
@@ -109,7 +109,7 @@ pub fn shift_certificates(csv_text: &str, days: i64) -> Result<String, DemoError
 /// Days from the registry's "today" to now.
 fn days_since_registry() -> i64 {
     let (y, m, d) = REGISTRY_TODAY;
-    crate::now_ms().div_euclid(DAY_MS) - crate::civil::days_from_civil(y, m, d)
+    crate::domain::now_ms().div_euclid(DAY_MS) - crate::domain::civil::days_from_civil(y, m, d)
 }
 
 /// One device of the city: its agent, profile file, simulator port (of the fleet file)
@@ -173,11 +173,11 @@ pub async fn run(opts: DemoOptions, shutdown: watch::Receiver<bool>) -> Result<(
             reg.import_verifications(Path::new("city-verifications.csv"), &certs, "demo")
                 .map_err(setup)?;
         }
-        let name = format!("demo-supervisor-{}", crate::now_ms());
-        crate::api::auth::create(
+        let name = format!("demo-supervisor-{}", crate::domain::now_ms());
+        crate::persist::tokens::create(
             &mut reg,
             &name,
-            crate::api::auth::Role::Supervisor,
+            crate::persist::tokens::Role::Supervisor,
             None,
             "demo",
         )
@@ -332,7 +332,7 @@ async fn start_embedded_broker() -> Result<String, DemoError> {
 /// `12:00:03  critical  overdue             HS-MKE-019  hs-market-east/market-east  message`,
 /// with the state when it is not `active`.
 pub fn alert_line(e: &AlertEvent) -> String {
-    let t = crate::civil::format_timestamp(e.updated);
+    let t = crate::domain::civil::format_timestamp(e.updated);
     let state = match e.state {
         AlertState::Active => String::new(),
         other => format!(" [{}]", other.as_str()),

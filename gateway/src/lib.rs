@@ -1,29 +1,34 @@
 //! calwatch gateway: ingest of agents' readings, the registry of instruments and their
 //! certificates, the checks and the alert lifecycle, and the time-series sinks.
 //!
-//! The data flows one way: [`ingest`] (decode, assignment, dedup, [`checks`], [`alerts`]) →
-//! [`sink`] queues → stores; state and alerts to [`store`], alert events to MQTT and to the
-//! in-process broadcast of the [`Gateway`] handle. [`sweep`] adds the wall-clock part.
+//! The data flows one way (the README's "Architecture of the gateway" names each module's
+//! job): [`source`] (agents' messages with ack handles) → [`pipeline`] (pure: decode,
+//! assignment, dedup, [`checks`], [`alerts`], [`series`] points) → durable ([`sink`] queues,
+//! the state commit in [`persist`]) → ack and publish, all ordered by [`ingest`]. The domain
+//! model the checks judge by is [`domain`]; [`api`] serves the HTTP API and the console.
 #![forbid(unsafe_code)]
 
-pub mod alerts;
-pub mod api;
-pub mod audit;
+pub mod admin;
+mod alerts;
+mod api;
+#[doc(hidden)]
+pub mod bench;
 #[cfg(feature = "embedded-broker")]
-pub mod broker;
-pub mod checks;
-pub mod civil;
-pub mod command;
+mod broker;
+mod checks;
 pub mod config;
-pub mod console;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod health;
-pub mod ingest;
-pub mod metrics;
-pub mod registry;
-pub mod sink;
-pub mod store;
-pub mod sweep;
+mod domain;
+mod health;
+mod ingest;
+mod metrics;
+mod persist;
+mod pipeline;
+mod series;
+mod sink;
+mod source;
+mod systemd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,11 +40,13 @@ use tokio::task::JoinHandle;
 
 use crate::alerts::AlertBook;
 use crate::config::GatewayConfig;
-use crate::ingest::{Command, Core, IngestError, IngestTask, Pipeline};
+use crate::ingest::{Core, IngestError, IngestTask};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryError};
+use crate::persist::registry::{Registry, RegistryError};
+use crate::persist::state::{AlertReader, StateStore, StoreError};
+use crate::pipeline::Pipeline;
 use crate::sink::{QueueError, Queues};
-use crate::store::{AlertReader, StateStore, StoreError};
+use crate::source::mqtt::MqttSource;
 
 /// How long a stopping gateway waits for its queues to be written.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -65,27 +72,20 @@ pub enum GatewayError {
     Http(#[from] api::ServeError),
 }
 
-/// Unix epoch milliseconds of the wall clock.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// An alert event as published, with its `alert_log` seq (the SSE event id; 0 for events
 /// republished from the outbox after a crash, which a reconnecting client replays from the log).
 #[derive(Clone, Debug)]
-pub struct LoggedAlert {
-    pub seq: i64,
-    pub event: AlertEvent,
+pub(crate) struct LoggedAlert {
+    pub(crate) seq: i64,
+    pub(crate) event: AlertEvent,
 }
 
 /// A running gateway: its counters and its alert stream, for the HTTP API and the console.
 pub struct Gateway {
+    #[cfg(feature = "demo")]
     metrics: Arc<Metrics>,
+    #[cfg(feature = "demo")]
     alerts: broadcast::Sender<LoggedAlert>,
-    commands: mpsc::Sender<Command>,
     http: SocketAddr,
     https: bool,
     task: JoinHandle<Result<(), GatewayError>>,
@@ -117,13 +117,19 @@ impl Gateway {
             "gateway starting"
         );
         let book = AlertBook::new(cfg.hold_ms, next_id, open);
-        let pipeline = Pipeline::new(registry, saved, book, cfg.checks.clone(), metrics.clone());
-        let core = Core::new(pipeline, store, queues.clone());
+        let pipeline = Pipeline::new(
+            registry.devices().clone(),
+            saved,
+            book,
+            cfg.checks.clone(),
+            metrics.clone(),
+        );
+        let core = Core::new(pipeline, registry, store, queues.clone());
         let (alerts, _) = broadcast::channel(ALERT_BROADCAST);
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
 
         let api_state = Arc::new(api::ApiState {
-            auth: api::auth::Authenticator::open(&cfg.registry.path)
+            auth: persist::tokens::Authenticator::open(&cfg.registry.path)
                 .map_err(|e| GatewayError::Store(StoreError::Db(e)))?,
             alerts: std::sync::Mutex::new(AlertReader::open(&cfg.registry.path)?),
             registry_path: cfg.registry.path.clone(),
@@ -142,22 +148,29 @@ impl Gateway {
             https = server.https,
             "HTTP API and console listening"
         );
-        let checkpointer = crate::store::Checkpointer::spawn(&cfg.registry.path, shutdown.clone())?;
+        let checkpointer =
+            crate::persist::state::Checkpointer::spawn(&cfg.registry.path, shutdown.clone())?;
         let (stop_writers, writers_stop) = watch::channel(false);
         let writers = sink::start_writers(&cfg.sinks, &queues, writers_stop);
-        tokio::spawn(health::systemd::run(
+        tokio::spawn(systemd::run(
             metrics.clone(),
             cfg.ingest.stall_after,
             shutdown.clone(),
         ));
+        let source = MqttSource::start(
+            &cfg.mqtt,
+            &cfg.client_id,
+            cfg.ingest.max_pending,
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .map_err(IngestError::Settings)?;
         let ingest = tokio::spawn(ingest::run(IngestTask {
-            mqtt: cfg.mqtt.clone(),
-            client_id: cfg.client_id.clone(),
+            source,
             core,
             alerts: alerts.clone(),
             commands: commands_rx,
             sweep_interval: cfg.sweep_interval,
-            max_pending: cfg.ingest.max_pending,
             shutdown,
         }));
         let (http, https) = (server.addr, server.https);
@@ -189,9 +202,10 @@ impl Gateway {
             result
         });
         Ok(Gateway {
+            #[cfg(feature = "demo")]
             metrics,
+            #[cfg(feature = "demo")]
             alerts,
-            commands,
             http,
             https,
             task,
@@ -210,20 +224,16 @@ impl Gateway {
     }
 
     /// The gateway's counters.
-    pub fn metrics(&self) -> Arc<Metrics> {
+    #[cfg(feature = "demo")]
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
 
     /// Alert events as they are published (after they were made durable), for the SSE
     /// stream and the console.
-    pub fn subscribe_alerts(&self) -> broadcast::Receiver<LoggedAlert> {
+    #[cfg(feature = "demo")]
+    pub(crate) fn subscribe_alerts(&self) -> broadcast::Receiver<LoggedAlert> {
         self.alerts.subscribe()
-    }
-
-    /// The channel of requests to the ingest task (registry changes, views, acks): the
-    /// HTTP API's way in.
-    pub fn commands(&self) -> mpsc::Sender<Command> {
-        self.commands.clone()
     }
 
     /// Waits until the gateway stopped.

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use calwatch_protocol::{AlertKind, AlertState, RejectReason};
 
+use crate::domain::DeviceKind;
 use crate::health::IngestHealth;
-use crate::registry::DeviceKind;
 
 /// Why a message or a reading was refused, besides the decoder's [`RejectReason`]s.
-pub const INGEST_REJECT_REASONS: [&str; 5] = [
+pub(crate) const INGEST_REJECT_REASONS: [&str; 5] = [
     "bad_topic",
     "agent_mismatch",
     "unknown_device",
@@ -35,7 +35,8 @@ const ALERT_STATES: [AlertState; 3] = [
 ];
 
 /// Upper bounds of the latency buckets, seconds (a batch takes µs to ms).
-pub const LATENCY_BOUNDS_S: [f64; 9] = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1];
+pub(crate) const LATENCY_BOUNDS_S: [f64; 9] =
+    [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1];
 
 /// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_S`]) and an overflow bucket.
 #[derive(Debug, Default)]
@@ -177,7 +178,7 @@ impl Metrics {
             check_latency: Histogram::default(),
             commit_latency: Histogram::default(),
             sinks,
-            health: IngestHealth::new(crate::now_ms()),
+            health: IngestHealth::new(crate::domain::now_ms()),
         }
     }
 

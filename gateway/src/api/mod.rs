@@ -7,8 +7,9 @@
 //! are written to the audit log. Bodies are parsed by hand so every error is JSON
 //! (`{"error": .., "detail": ..}`) with a 4xx status, never a panic.
 
-pub mod auth;
-pub mod sse;
+mod console;
+mod permit;
+mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,59 +24,29 @@ use calwatch_protocol::{AlertKind, AlertState, Id};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::command::{Command, CoverageBy, DeviceQuery, DeviceView, Input, Refusal};
+use crate::domain::role::{Principal, Role};
+use crate::ingest::{Command, Input, Refusal};
 use crate::metrics::Metrics;
-use crate::store::{AlertFilter, AlertReader};
+use crate::persist::state::{AlertFilter, AlertReader};
+use crate::persist::tokens::Authenticator;
+use crate::pipeline::views::{CoverageBy, DeviceQuery, DeviceView};
 use crate::LoggedAlert;
-use auth::{Authenticator, Principal, Role};
+use permit::{allowed, Action};
 
 /// Largest JSON body accepted.
-pub const JSON_LIMIT: usize = 64 << 10;
+pub(crate) const JSON_LIMIT: usize = 64 << 10;
 /// Largest CSV import accepted through the API for the bureau's roles (the CLI has no limit)
 /// ...
-pub const CSV_LIMIT: usize = 32 << 20;
+pub(crate) const CSV_LIMIT: usize = 32 << 20;
 /// ... and for an owner token.
-pub const OWNER_CSV_LIMIT: usize = 1 << 20;
+pub(crate) const OWNER_CSV_LIMIT: usize = 1 << 20;
 /// Default and largest page of a list.
-pub const PAGE_DEFAULT: usize = 100;
-pub const PAGE_MAX: usize = 1000;
-
-/// What a route needs, checked before its handler runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
-    ReadDevices,
-    RegisterDevice,
-    RecordCertificate,
-    ReadAlerts,
-    AckAlert,
-    StreamAlerts,
-    ReadCoverage,
-    ImportDevices,
-    ImportVerifications,
-    Metrics,
-    Me,
-}
-
-/// The permission table (CONTRACT §3; admin reads everything and registers devices, but
-/// never records certificates or acknowledges alerts; `/metrics` is for the bureau's roles,
-/// not owners).
-pub fn allowed(role: Role, action: Action) -> bool {
-    use Action::*;
-    use Role::*;
-    match action {
-        ReadDevices => true,
-        RegisterDevice | ImportDevices => matches!(role, Owner | Admin),
-        RecordCertificate | ImportVerifications => role == Verifier,
-        ReadAlerts | StreamAlerts | ReadCoverage => matches!(role, Owner | Supervisor | Admin),
-        AckAlert => role == Supervisor,
-        Metrics => matches!(role, Verifier | Supervisor | Admin),
-        Me => true,
-    }
-}
+pub(crate) const PAGE_DEFAULT: usize = 100;
+pub(crate) const PAGE_MAX: usize = 1000;
 
 /// An error answer: `{"error": .., "detail": ..}`.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub error: &'static str,
     pub detail: String,
@@ -135,7 +106,7 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// What the handlers share.
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub auth: Authenticator,
     pub alerts: std::sync::Mutex<AlertReader>,
     pub registry_path: std::path::PathBuf,
@@ -155,7 +126,7 @@ pub struct ApiState {
 type Shared = State<Arc<ApiState>>;
 
 /// The router: API, metrics, health, console.
-pub fn router(state: Arc<ApiState>) -> Router {
+pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -176,7 +147,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/api/import/verifications",
             post(import_verifications).layer(DefaultBodyLimit::max(CSV_LIMIT)),
         )
-        .merge(crate::console::routes())
+        .merge(console::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .with_state(state)
@@ -193,7 +164,7 @@ async fn healthz(State(st): Shared) -> Response {
     let h = &st.metrics.health;
     let (pending, _) = h.pending();
     let connected = h.is_connected();
-    match h.verdict(crate::now_ms(), st.stall_after) {
+    match h.verdict(crate::domain::now_ms(), st.stall_after) {
         Ok(()) => Json(serde_json::json!({
             "status": "ok", "broker_connected": connected, "pending": pending
         }))
@@ -269,7 +240,7 @@ async fn deny(
     let admitted = st
         .refusals
         .lock()
-        .map(|mut l| l.admit(&p.actor(), crate::now_ms()))
+        .map(|mut l| l.admit(&p.actor(), crate::domain::now_ms()))
         .unwrap_or(Admit::Audit { suppressed: 0 });
     match admitted {
         Admit::Audit { suppressed } => {
@@ -296,10 +267,10 @@ async fn deny(
 }
 
 /// Longest field of a refusal's audit entry: the attempted body is evidence, not a copy.
-pub const AUDIT_FIELD_MAX: usize = 1024;
+pub(crate) const AUDIT_FIELD_MAX: usize = 1024;
 /// Refusals of one actor audited one by one per minute; beyond, they are counted and the
 /// count goes into the actor's next audited refusal.
-pub const REFUSALS_PER_MINUTE: u32 = 20;
+pub(crate) const REFUSALS_PER_MINUTE: u32 = 20;
 
 /// `text` cut to at most `max` bytes (on a character boundary), saying how long it was.
 fn clip(text: &str, max: usize) -> String {
@@ -315,7 +286,7 @@ fn clip(text: &str, max: usize) -> String {
 
 /// Whether a refusal is audited.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// Audit it; `suppressed` refusals of the actor before it were not.
     Audit {
         suppressed: u64,
@@ -325,12 +296,12 @@ pub enum Admit {
 
 /// Per actor: refusals in the current minute, and those not audited since the last audited.
 #[derive(Debug, Default)]
-pub struct RefusalLimiter {
+pub(crate) struct RefusalLimiter {
     actors: std::collections::HashMap<String, (i64, u32, u64)>,
 }
 
 impl RefusalLimiter {
-    pub fn admit(&mut self, actor: &str, now_ms: i64) -> Admit {
+    pub(crate) fn admit(&mut self, actor: &str, now_ms: i64) -> Admit {
         // Forget idle actors now and then, so the map stays small.
         if self.actors.len() > 10_000 {
             self.actors
@@ -436,7 +407,7 @@ fn page(limit: Option<usize>, offset: Option<usize>) -> ApiResult<(usize, usize)
 
 /// The largest `offset` of a page: beyond any registry or alert log (and far from where
 /// an SQL `OFFSET` or an addition would overflow).
-pub const OFFSET_MAX: usize = 1_000_000_000;
+pub(crate) const OFFSET_MAX: usize = 1_000_000_000;
 
 fn query<T: serde::de::DeserializeOwned>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
@@ -704,7 +675,7 @@ async fn import_verifications(
 
 /// The largest CSV a role may import through the API: an owner registers its own stations
 /// and market stalls (1 MiB is some 5,000 devices), the bureau a city at once.
-pub fn csv_limit(role: Role) -> usize {
+pub(crate) fn csv_limit(role: Role) -> usize {
     match role {
         Role::Owner => OWNER_CSV_LIMIT,
         _ => CSV_LIMIT,
@@ -771,26 +742,25 @@ async fn import(
     // Parsed and checked row by row here, off the ingest task (linear); the ingest task
     // checks the owner's rights first, then what needs the registry, and writes.
     let name = file.clone();
-    let input =
-        tokio::task::spawn_blocking(move || {
-            let path = std::path::Path::new(&name);
-            match kind {
-                ImportKind::Devices => {
-                    crate::registry::parse_device_rows(path, &text).map(|rows| Input::DeviceRows {
-                        file: name.clone(),
-                        rows,
-                    })
-                }
-                ImportKind::Verifications => crate::registry::parse_verification_rows(path, &text)
-                    .map(|rows| Input::CertificateRows {
-                        file: name.clone(),
-                        rows,
-                    }),
+    let input = tokio::task::spawn_blocking(move || {
+        let path = std::path::Path::new(&name);
+        match kind {
+            ImportKind::Devices => {
+                crate::domain::input::parse_device_rows(path, &text).map(|rows| Input::DeviceRows {
+                    file: name.clone(),
+                    rows,
+                })
             }
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("import task: {e}")))?
-        .map_err(|e| refusal(Refusal::Invalid(e)))?;
+            ImportKind::Verifications => crate::domain::input::parse_verification_rows(path, &text)
+                .map(|rows| Input::CertificateRows {
+                    file: name.clone(),
+                    rows,
+                }),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("import task: {e}")))?
+    .map_err(|e| refusal(Refusal::Invalid(e)))?;
     let actor = p.actor();
     let result = match kind {
         ImportKind::Devices => {
@@ -972,14 +942,14 @@ pub enum ServeError {
 }
 
 /// A running HTTP server.
-pub struct Server {
+pub(crate) struct Server {
     pub addr: SocketAddr,
     pub https: bool,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the API on `cfg.listen` (HTTPS when a certificate is configured).
-pub async fn serve(
+pub(crate) async fn serve(
     cfg: &crate::config::HttpConfig,
     state: Arc<ApiState>,
 ) -> Result<Server, ServeError> {
@@ -1066,12 +1036,12 @@ where
 
 /// A client gets this long to send a request's headers (TLS handshake included), on a new
 /// connection and between the requests of a kept-alive one: a slowloris holds nothing longer.
-pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// ... and this long from the headers to the response's headers (reading the body, the work).
 /// A stream's body (SSE) is not bounded by it.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Connections served at once; the next waits in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
 
 /// The accept loop of the API, HTTP or (with an acceptor) HTTPS: hyper with a header-read
 /// timeout and a request timeout on both.

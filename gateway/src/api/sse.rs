@@ -24,14 +24,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{authorize, owner_filter, query, Action, ApiError, ApiResult, ApiState, Shared};
 
 /// Events buffered per client before it counts as lagging.
-pub const CLIENT_BUFFER: usize = 256;
+pub(super) const CLIENT_BUFFER: usize = 256;
 /// Most events replayed after a reconnect; beyond, the client is told to resync.
-pub const REPLAY_MAX: usize = 10_000;
+pub(super) const REPLAY_MAX: usize = 10_000;
 /// Open streams per token; one more is refused with 429 (a console tab holds one).
-pub const STREAMS_PER_TOKEN: usize = 8;
+pub(super) const STREAMS_PER_TOKEN: usize = 8;
 /// How often an open stream checks that its token is still good: a revoked token's
 /// streams end within this (and the time to notice), well within 5 s.
-pub const REVALIDATE: Duration = Duration::from_secs(2);
+pub(super) const REVALIDATE: Duration = Duration::from_secs(2);
 
 /// One open stream of a token, counted in [`ApiState::streams`] while it lives.
 struct StreamSlot {
@@ -154,7 +154,7 @@ async fn pump(
         let owner2 = owner.clone();
         // Its own connection: a long replay holds no lock `/api/alerts` waits on.
         let replay = tokio::task::spawn_blocking(move || {
-            crate::store::AlertReader::open(&path)
+            crate::persist::state::AlertReader::open(&path)
                 .ok()
                 .and_then(|r| r.log_after(after, owner2.as_deref(), REPLAY_MAX + 1).ok())
         })
@@ -243,10 +243,10 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::api::auth::{self, Authenticator, Role};
     use crate::config::HttpConfig;
-    use crate::registry::Registry;
-    use crate::store::{AlertReader, StateStore};
+    use crate::persist::registry::Registry;
+    use crate::persist::state::{AlertReader, StateStore};
+    use crate::persist::tokens::{self, Authenticator, Role};
     use crate::LoggedAlert;
 
     fn event(seq: i64, message: &str) -> LoggedAlert {
@@ -276,7 +276,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.db");
         let mut reg = Registry::open(&path).unwrap();
-        let token = auth::create(&mut reg, "sup", Role::Supervisor, None, "test").unwrap();
+        let token = tokens::create(&mut reg, "sup", Role::Supervisor, None, "test").unwrap();
         drop(StateStore::open(&path).unwrap());
         let (stream, _) = broadcast::channel(broadcast_cap);
         let (commands, _rx) = mpsc::channel(1);
@@ -342,7 +342,7 @@ mod tests {
         assert_eq!(resp.status(), 200);
         let first = resp.chunk().await.unwrap().unwrap();
         assert!(String::from_utf8_lossy(&first).contains(": connected"));
-        assert!(auth::revoke(&mut f.reg, "sup", "test").unwrap());
+        assert!(tokens::revoke(&mut f.reg, "sup", "test").unwrap());
         let t = std::time::Instant::now();
         let (text, ended) = read_until_end(&mut resp, Duration::from_secs(5)).await;
         assert!(ended, "still streaming 5 s after the revocation: {text:?}");

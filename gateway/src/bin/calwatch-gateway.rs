@@ -4,11 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use calwatch_agent::process::{init_tracing, shutdown_signal};
-use calwatch_gateway::api::auth::{self, Role};
+use calwatch_gateway::admin::{self, Registry, Role};
 use calwatch_gateway::config::GatewayConfig;
-use calwatch_gateway::registry::Registry;
-use calwatch_gateway::store::{AlertFilter, AlertReader, StateStore};
+use calwatch_protocol::node::process::{init_tracing, shutdown_signal};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
@@ -79,6 +77,7 @@ enum Command {
     },
     /// A small city on embedded defaults: broker, 101 simulated instruments with faults,
     /// agents, the gateway, the console. Prints the console URL and a token, then alerts.
+    #[cfg(feature = "demo")]
     Demo {
         /// Working directory (default: a new temp dir).
         #[arg(long)]
@@ -123,6 +122,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's terminal is for its banner and alert lines: only warnings besides.
     init_tracing(match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => "warn,rumqttd=off",
         _ => "info,rumqttd=off",
     });
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(CONFIG_ERROR);
             };
-            match dump_state(&cfg) {
+            match admin::dump_state(&cfg, &mut std::io::stdout().lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("calwatch-gateway state: {e}");
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
                 std::env::var("USER").unwrap_or_else(|_| "unknown".into())
             );
             if let Some(name) = revoke {
-                return match auth::revoke(&mut reg, &name, &actor) {
+                return match admin::revoke_token(&mut reg, &name, &actor) {
                     Ok(true) => {
                         println!("token {name:?} revoked");
                         ExitCode::SUCCESS
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
                 eprintln!("calwatch-gateway token: --role {role_s:?}: owner, verifier, supervisor or admin");
                 return ExitCode::from(CONFIG_ERROR);
             };
-            match auth::create(
+            match admin::create_token(
                 &mut reg,
                 &name.unwrap_or_default(),
                 role,
@@ -246,7 +246,7 @@ fn main() -> ExitCode {
                     println!("{token}");
                     ExitCode::SUCCESS
                 }
-                Err(auth::TokenError::Invalid(why)) => {
+                Err(admin::TokenError::Invalid(why)) => {
                     eprintln!("calwatch-gateway token: {why}");
                     ExitCode::from(CONFIG_ERROR)
                 }
@@ -341,6 +341,7 @@ fn main() -> ExitCode {
             runtime.shutdown_timeout(Duration::from_millis(500));
             code
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             dir,
             for_s,
@@ -418,45 +419,4 @@ fn main() -> ExitCode {
             })
         }
     }
-}
-
-/// The state's JSON with `last_seq` and `last_ts` (stored in columns of their own).
-fn state_with_counters(state: &calwatch_gateway::checks::DeviceState) -> serde_json::Value {
-    let mut v = serde_json::to_value(state).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("last_seq".into(), state.last_seq.into());
-        o.insert("last_ts".into(), state.last_ts.into());
-    }
-    v
-}
-
-/// `{"device":..,"gaps":..,"readings":..,"state":{..}}` per device, then `{"alert":{..}}` per
-/// alert, oldest first.
-fn dump_state(cfg: &GatewayConfig) -> Result<(), String> {
-    use std::io::Write;
-    let store = StateStore::open(&cfg.registry.path).map_err(|e| e.to_string())?;
-    let mut out = std::io::stdout().lock();
-    let mut devices = store.load_devices().map_err(|e| e.to_string())?;
-    devices.sort_by(|a, b| a.0.cmp(&b.0));
-    for (id, saved) in devices {
-        let line = serde_json::json!({
-            "device": id.as_str(),
-            "gaps": saved.gaps,
-            "readings": saved.readings,
-            "state": state_with_counters(&saved.state),
-        });
-        writeln!(out, "{line}").map_err(|e| e.to_string())?;
-    }
-    drop(store);
-    let reader = AlertReader::open(&cfg.registry.path).map_err(|e| e.to_string())?;
-    let (mut alerts, _) = reader
-        .alerts(&AlertFilter::default(), usize::MAX >> 1, 0)
-        .map_err(|e| e.to_string())?;
-    alerts.reverse();
-    for a in alerts {
-        let event: serde_json::Value =
-            serde_json::from_slice(&a.encode()).map_err(|e| e.to_string())?;
-        writeln!(out, "{}", serde_json::json!({ "alert": event })).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }

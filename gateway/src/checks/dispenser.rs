@@ -13,7 +13,7 @@ use super::{
 };
 
 /// The totalizer tolerance never goes below this (decision 6): the registers' resolution.
-pub const TOTALIZER_MIN_TOLERANCE_L: f64 = 0.02;
+pub(crate) const TOTALIZER_MIN_TOLERANCE_L: f64 = 0.02;
 
 /// Sales with a display/encoder deviation since the current verification.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -27,7 +27,7 @@ pub struct CheatingState {
 }
 
 /// |display − encoder| / encoder in percent; `None` without a positive encoder volume.
-pub fn deviation_pct(display_l: f64, encoder_l: f64) -> Option<f64> {
+pub(crate) fn deviation_pct(display_l: f64, encoder_l: f64) -> Option<f64> {
     (encoder_l > 0.0).then(|| (display_l - encoder_l).abs() / encoder_l * 100.0)
 }
 
@@ -167,7 +167,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::{CheckConfig, DeviceState, Verdict};
     use super::*;
-    use crate::registry::DeviceKind;
+    use crate::domain::DeviceKind;
 
     #[test]
     fn deviation() {
@@ -186,7 +186,7 @@ mod tests {
         let cfg = CheckConfig::default();
         let mut st = DeviceState::default();
         let mut seq = 0;
-        let mut sale = |d: &crate::registry::Device,
+        let mut sale = |d: &crate::domain::Device,
                         st: &mut DeviceState,
                         id: f64,
                         display: f64,

@@ -20,7 +20,7 @@ use super::{
     clear, evidence, flag, num, opt_num, raise_condition, CheckConfig, Ctx, DeviceState,
     DriftParams, Values, Verdict, DAY_MS, TIE,
 };
-use crate::registry::Device;
+use crate::domain::Device;
 
 /// Where a comparison against a reference comes from (decision 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -343,7 +343,7 @@ impl DriftState {
 }
 
 /// Median and 1.4826 · MAD of `values` (reordered), σ at least `floor`.
-pub fn robust_baseline(values: &mut [f64], floor: f64) -> Baseline {
+pub(crate) fn robust_baseline(values: &mut [f64], floor: f64) -> Baseline {
     let mean = median(values);
     for x in values.iter_mut() {
         *x = (*x - mean).abs();
@@ -538,7 +538,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::{status, CheckConfig, DeviceState, DriftParams, Values, Verdict};
     use super::*;
-    use crate::registry::DeviceKind;
+    use crate::domain::DeviceKind;
 
     fn warm(d: &mut DriftState, p: &DriftParams, rng: &mut Rng, sd: f64) -> i64 {
         for i in 0..p.warmup {

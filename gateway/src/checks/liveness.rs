@@ -9,10 +9,10 @@ use calwatch_protocol::{AlertKind, Id, Severity};
 use serde_json::Value as JsonValue;
 
 use super::{clear, evidence, raise_condition, raise_event, CheckConfig, DeviceState, Verdict};
-use crate::registry::Device;
+use crate::domain::Device;
 
 /// How long a device may stay without a reading: `offline_factor` × `interval_s`, in ms.
-pub fn offline_after_ms(device: &Device, cfg: &CheckConfig) -> i64 {
+pub(crate) fn offline_after_ms(device: &Device, cfg: &CheckConfig) -> i64 {
     let interval_ms = i64::try_from(device.interval_s)
         .unwrap_or(i64::MAX)
         .saturating_mul(1000);
@@ -21,7 +21,7 @@ pub fn offline_after_ms(device: &Device, cfg: &CheckConfig) -> i64 {
 
 /// Whether the device has had no reading for [`offline_after_ms`] as of `at` (a watermark or
 /// the wall clock); a device never heard from is silent.
-pub fn silent(device: &Device, state: &DeviceState, at: i64, cfg: &CheckConfig) -> bool {
+pub(crate) fn silent(device: &Device, state: &DeviceState, at: i64, cfg: &CheckConfig) -> bool {
     state
         .last_ts
         .is_none_or(|last| at.saturating_sub(last) >= offline_after_ms(device, cfg))
@@ -31,7 +31,7 @@ pub fn silent(device: &Device, state: &DeviceState, at: i64, cfg: &CheckConfig) 
 /// had no reading for exactly or more than `offline_factor` × `interval_s` (again as a
 /// heartbeat after `repeat_ms`), `Clear` when it is back. A device never heard from is not
 /// judged (it has no `last_ts` to be late against; the sweep reminds about its window).
-pub fn check(
+pub(crate) fn check(
     device: &Device,
     state: &mut DeviceState,
     agent_watermark_ms: i64,
@@ -72,16 +72,19 @@ pub fn check(
 
 /// Why a whole agent is considered gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgentDown {
+pub(crate) enum AgentDown {
     /// Its MQTT last will (`"state":"offline"`) arrived.
     LastWill,
     /// Nothing from it on the wall clock for `offline_factor` × its batch interval.
+    // DESIGN decision 1's agent-silent rule, so far only in tests: ingest wires it in with
+    // decision 11 (issue #16).
+    #[allow(dead_code)]
     Silent,
 }
 
 impl AgentDown {
     /// The name used in evidence.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AgentDown::LastWill => "last_will",
             AgentDown::Silent => "silent",
@@ -91,7 +94,8 @@ impl AgentDown {
 
 /// Whether an agent last heard from at `last_heard_ms` (wall clock) is silent at `now_ms`,
 /// given its batch interval: silent for exactly or more than `offline_factor` intervals.
-pub fn agent_silent(
+#[cfg_attr(not(test), allow(dead_code))] // see `AgentDown::Silent`
+pub(crate) fn agent_silent(
     last_heard_ms: i64,
     batch_interval_ms: i64,
     now_ms: i64,
@@ -104,7 +108,7 @@ pub fn agent_silent(
 /// Marks every device of `agent` offline at `at_ms` (the last will's or the sweep's time),
 /// with the agent and the cause in the evidence. Every device gets a `Raise`, also one already
 /// offline (the evidence now names the agent); readings clear them when the agent is back.
-pub fn agent_offline<'a>(
+pub(crate) fn agent_offline<'a>(
     agent: &Id,
     cause: AgentDown,
     at_ms: i64,
@@ -145,7 +149,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::{CheckConfig, DeviceState, Verdict};
     use super::*;
-    use crate::registry::DeviceKind;
+    use crate::domain::DeviceKind;
 
     #[test]
     fn offline_at_exactly_three_intervals() {

@@ -33,12 +33,12 @@
 //! the reading's `ts` ([`DeviceState::epoch`]); when that certificate changes they restart
 //! (DESIGN decisions 3, 4, 7). A failed verification restarts nothing.
 
-pub mod dispenser;
-pub mod drift;
-pub mod liveness;
-pub mod mpe;
-pub mod seal;
-pub mod window;
+pub(crate) mod dispenser;
+pub(crate) mod drift;
+pub(crate) mod liveness;
+pub(crate) mod mpe;
+pub(crate) mod seal;
+pub(crate) mod window;
 
 use std::collections::BTreeMap;
 
@@ -46,12 +46,13 @@ use calwatch_protocol::{AlertKind, ReadingRef, Severity, Value};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value as JsonValue};
 
-use crate::registry::{Certificate, Device, DeviceKind};
+use crate::domain::{Certificate, Device, DeviceKind};
 
-pub use dispenser::CheatingState;
-pub use drift::{Baseline, Bucket, DriftSource, DriftSources, DriftState, DriftSummary};
-pub use mpe::{ReferenceAnchor, ToleranceState};
-pub use seal::SealState;
+pub(crate) use dispenser::CheatingState;
+pub use drift::DriftSources;
+pub(crate) use drift::{DriftSource, DriftState, DriftSummary};
+pub(crate) use mpe::{ReferenceAnchor, ToleranceState};
+pub(crate) use seal::SealState;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -300,7 +301,7 @@ impl<'de> Deserialize<'de> for Presence {
 /// The passing certificate a state's per-verification parts belong to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Epoch {
-    pub certificate: crate::registry::Text,
+    pub certificate: crate::domain::Text,
     pub verified_at: i64,
 }
 
@@ -310,6 +311,16 @@ pub struct Register {
     pub seq: u64,
     pub ts: i64,
     pub value: f64,
+}
+
+/// A device's check state with its counters: what is saved per device.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SavedDevice {
+    pub state: DeviceState,
+    /// Sequence numbers skipped so far (CONTRACT §1: counted, reported in device status).
+    pub gaps: u64,
+    /// Readings checked (after dedup), over the device's life: each reading exactly once.
+    pub readings: u64,
 }
 
 /// Everything the checks remember about one device. Persist it with the alerts.
@@ -387,7 +398,7 @@ impl ReferenceEnergy {
 
 /// Checks one reading (deduplicated, in seq order) of `device`. `reference` is
 /// [`DeviceState::reference_energy`] of the device's `reference_device`, if it has one.
-pub fn check_reading(
+pub(crate) fn check_reading(
     device: &Device,
     state: &mut DeviceState,
     reading: &ReadingRef<'_>,
@@ -492,7 +503,7 @@ pub fn check_reading(
 /// and `overdue`, `unverified`, `failed_verification` as warnings (not an instrument in use),
 /// clearing what no longer applies. A device that reports is judged by its readings, so the
 /// sweep leaves it alone. Verdicts are as of `now_ms`.
-pub fn sweep(
+pub(crate) fn sweep(
     device: &Device,
     state: &mut DeviceState,
     now_ms: i64,
@@ -506,7 +517,7 @@ pub fn sweep(
 
 /// The verification window of `device` judged at `now_ms` (after its certificates changed):
 /// `in_use` as for a reading.
-pub fn judge_window(
+pub(crate) fn judge_window(
     device: &Device,
     state: &mut DeviceState,
     now_ms: i64,
@@ -521,7 +532,7 @@ pub fn judge_window(
 /// in-control mean (|EWMA − mean|, in r) among sources past warm-up, ties in the order span,
 /// reference, encoder, physics, zero; before any warm-up ends, the source with most
 /// comparisons, without statistics.
-pub fn status(state: &DeviceState) -> DriftSummary {
+pub(crate) fn status(state: &DeviceState) -> DriftSummary {
     drift::summary(&state.drift)
 }
 
@@ -755,7 +766,7 @@ mod fixtures {
     use calwatch_protocol::{AlertKind, Id, Reading, Severity, Value};
 
     use super::{check_reading, CheckConfig, DeviceState, ReferenceEnergy, Verdict};
-    use crate::registry::{Certificate, Device, DeviceKind};
+    use crate::domain::{Certificate, Device, DeviceKind};
 
     pub(super) const DAY: i64 = super::DAY_MS;
 

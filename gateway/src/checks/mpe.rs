@@ -11,17 +11,18 @@ use super::{
     clear, evidence, flag, num, raise_event, rounded, Ctx, DeviceState, DriftSource,
     ReferenceEnergy, Values, Verdict, TIE,
 };
-use crate::registry::{Device, DeviceKind};
+use crate::domain::{Device, DeviceKind};
 
 /// A dispenser without `mpe_pct` (DESIGN decision 3; OIML R 117 / MID class 0.5).
-pub const DEFAULT_DISPENSER_MPE_PCT: f64 = 0.5;
+pub(crate) const DEFAULT_DISPENSER_MPE_PCT: f64 = 0.5;
 
 /// Below this volume a dispenser's MPE is that of this volume (DESIGN "Tolerance").
-pub const DISPENSER_MIN_MPE_VOLUME_L: f64 = 2.0;
+pub(crate) const DISPENSER_MIN_MPE_VOLUME_L: f64 = 2.0;
 
-/// Accuracy classes of non-automatic weighing instruments.
+/// Accuracy classes of non-automatic weighing instruments, named as OIML R 76 writes them.
+#[allow(clippy::upper_case_acronyms)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ScaleClass {
+pub(crate) enum ScaleClass {
     I,
     II,
     III,
@@ -30,7 +31,7 @@ pub enum ScaleClass {
 
 impl ScaleClass {
     /// `I`, `II`, `III` or `IIII` (CONTRACT §2 `accuracy_class`).
-    pub fn parse(s: &str) -> Option<ScaleClass> {
+    pub(crate) fn parse(s: &str) -> Option<ScaleClass> {
         Some(match s {
             "I" => ScaleClass::I,
             "II" => ScaleClass::II,
@@ -53,7 +54,7 @@ impl ScaleClass {
 
 /// MPE on verification, in e, for a load of `m` e: OIML R 76-1 3.5.1 table 6 (JJG 539 the
 /// same). Loads beyond the table's last row (above the class's largest n) keep ±1.5 e.
-pub fn scale_mpe_verification_e(class: ScaleClass, m: f64) -> f64 {
+pub(crate) fn scale_mpe_verification_e(class: ScaleClass, m: f64) -> f64 {
     let (half, one) = class.rows();
     // A load a rounding error above a boundary (2.5 kg / 0.005 kg) belongs to it.
     let m = m.abs() * (1.0 - TIE);
@@ -68,7 +69,7 @@ pub fn scale_mpe_verification_e(class: ScaleClass, m: f64) -> f64 {
 
 /// MPE in kg of a scale with verification interval `e_kg` at `load_kg`; in service twice the
 /// MPE on verification (OIML R 76-1 3.5.2).
-pub fn scale_mpe_kg(class: ScaleClass, e_kg: f64, load_kg: f64, in_service: bool) -> f64 {
+pub(crate) fn scale_mpe_kg(class: ScaleClass, e_kg: f64, load_kg: f64, in_service: bool) -> f64 {
     let mpe = scale_mpe_verification_e(class, load_kg / e_kg) * e_kg;
     if in_service {
         2.0 * mpe
@@ -78,19 +79,19 @@ pub fn scale_mpe_kg(class: ScaleClass, e_kg: f64, load_kg: f64, in_service: bool
 }
 
 /// A dispenser's `mpe_pct`, 0.5 when the registry has none.
-pub fn dispenser_mpe_pct(device: &Device) -> f64 {
+pub(crate) fn dispenser_mpe_pct(device: &Device) -> f64 {
     device.mpe_pct.unwrap_or(DEFAULT_DISPENSER_MPE_PCT)
 }
 
 /// MPE in L of a dispenser at `volume_l`: `mpe_pct` of the volume, below 2 L that of 2 L
 /// (OIML R 117-1; JJG 443).
-pub fn dispenser_mpe_l(mpe_pct: f64, volume_l: f64) -> f64 {
+pub(crate) fn dispenser_mpe_l(mpe_pct: f64, volume_l: f64) -> f64 {
     mpe_pct / 100.0 * volume_l.abs().max(DISPENSER_MIN_MPE_VOLUME_L)
 }
 
 /// The MPE in percent of an energy meter class: IEC 62053-21/-22 classes (`0.2S` → 0.2, `1` →
 /// 1; the class is the percentage at unity power factor) and MID classes A 2, B 1, C 0.5.
-pub fn meter_class_pct(class: &str) -> Option<f64> {
+pub(crate) fn meter_class_pct(class: &str) -> Option<f64> {
     match class {
         "A" => Some(2.0),
         "B" => Some(1.0),
@@ -103,12 +104,12 @@ pub fn meter_class_pct(class: &str) -> Option<f64> {
 }
 
 /// MPE in kWh of a meter of `class_pct` over `energy_kwh`.
-pub fn meter_mpe_kwh(class_pct: f64, energy_kwh: f64) -> f64 {
+pub(crate) fn meter_mpe_kwh(class_pct: f64, energy_kwh: f64) -> f64 {
     class_pct / 100.0 * energy_kwh.abs()
 }
 
 /// Whether an error is within the MPE; equal is within.
-pub fn within(error: f64, mpe: f64) -> bool {
+pub(crate) fn within(error: f64, mpe: f64) -> bool {
     error.abs() <= mpe * (1.0 + TIE)
 }
 

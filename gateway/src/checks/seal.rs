@@ -11,7 +11,7 @@ use super::{
     clear, evidence, raise_condition, raise_event, Ctx, DeviceState, Presence, Register, Values,
     Verdict, TIE,
 };
-use crate::registry::Certificate;
+use crate::domain::Certificate;
 
 /// Seal baselines of the current verification.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ pub struct SealState {
 
 /// Whether two k-factors are the same: the protocol decodes floats bit-exactly, the slack
 /// only forgives a value that went through a decimal round trip somewhere.
-pub fn same_k_factor(a: f64, b: f64) -> bool {
+pub(crate) fn same_k_factor(a: f64, b: f64) -> bool {
     (a - b).abs() <= TIE * a.abs().max(b.abs())
 }
 
@@ -183,7 +183,7 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::super::{CheckConfig, DeviceState, Verdict};
-    use crate::registry::DeviceKind;
+    use crate::domain::DeviceKind;
 
     #[test]
     fn sealed_counter_from_certificate() {

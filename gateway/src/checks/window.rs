@@ -8,11 +8,11 @@ use calwatch_protocol::{AlertKind, Severity};
 use serde_json::{Map, Value as JsonValue};
 
 use super::{clear, evidence, num, raise_condition, CheckConfig, Presence, Verdict, DAY_MS};
-use crate::civil::format_date;
-use crate::registry::{Device, VState};
+use crate::domain::civil::format_date;
+use crate::domain::{Device, VState};
 
 /// The kinds of the window family; at most one of them is present.
-pub const WINDOW_KINDS: [AlertKind; 4] = [
+pub(crate) const WINDOW_KINDS: [AlertKind; 4] = [
     AlertKind::DueSoon,
     AlertKind::Overdue,
     AlertKind::Unverified,
@@ -20,7 +20,7 @@ pub const WINDOW_KINDS: [AlertKind; 4] = [
 ];
 
 /// The alert kind and severity of a verification state, `None` for `valid`.
-pub fn condition(vstate: VState, in_use: bool) -> Option<(AlertKind, Severity)> {
+pub(crate) fn condition(vstate: VState, in_use: bool) -> Option<(AlertKind, Severity)> {
     let severity = if in_use {
         Severity::Critical
     } else {
@@ -123,11 +123,11 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::super::{sweep, CheckConfig, DeviceState, Verdict};
-    use crate::civil::parse_iso8601;
-    use crate::registry::DeviceKind;
+    use crate::domain::civil::parse_iso8601;
+    use crate::domain::DeviceKind;
 
     /// A scale verified 2025-03-01, valid until 2026-02-28 (through the end of that day).
-    fn scale() -> (crate::registry::Device, i64) {
+    fn scale() -> (crate::domain::Device, i64) {
         let mut d = device(DeviceKind::Scale, Some("III"));
         let from = parse_iso8601("2025-03-01").unwrap().start_ms();
         let until = parse_iso8601("2026-02-28").unwrap().end_exclusive_ms();

@@ -1,7 +1,7 @@
 //! Calendar arithmetic for certificate dates (UTC), without a date-time dependency.
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -12,7 +12,7 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 /// Year, month, day of a day number since 1970-01-01.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -36,7 +36,7 @@ const DAY_MS: i64 = 86_400_000;
 
 /// A parsed ISO 8601 date or timestamp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DateOrTime {
+pub(crate) enum DateOrTime {
     /// A calendar day: the day's first millisecond (UTC).
     Date(i64),
     /// An instant, in Unix ms.
@@ -45,7 +45,7 @@ pub enum DateOrTime {
 
 impl DateOrTime {
     /// The first millisecond it covers.
-    pub fn start_ms(self) -> i64 {
+    pub(crate) fn start_ms(self) -> i64 {
         match self {
             DateOrTime::Date(ms) | DateOrTime::Instant(ms) => ms,
         }
@@ -53,7 +53,7 @@ impl DateOrTime {
 
     /// The first millisecond after it: a date-only `valid_until` is valid through the end of
     /// that day (DESIGN decision 2).
-    pub fn end_exclusive_ms(self) -> i64 {
+    pub(crate) fn end_exclusive_ms(self) -> i64 {
         match self {
             DateOrTime::Date(ms) => ms + DAY_MS,
             DateOrTime::Instant(ms) => ms,
@@ -70,7 +70,7 @@ fn num(s: &str, what: &str) -> Result<u32, String> {
 
 /// Parses `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM[:SS[.fff]]` followed by `Z` or `±HH:MM`
 /// (a timestamp without an offset is UTC).
-pub fn parse_iso8601(s: &str) -> Result<DateOrTime, String> {
+pub(crate) fn parse_iso8601(s: &str) -> Result<DateOrTime, String> {
     let bad = |why: &str| format!("{s:?} is not an ISO 8601 date or timestamp: {why}");
     let (date, time) = match s.find(['T', 't', ' ']) {
         Some(i) => (&s[..i], Some(&s[i + 1..])),
@@ -161,7 +161,7 @@ pub fn format_date(ms: i64) -> String {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix ms instant (RFC 3339, UTC).
-pub fn format_timestamp(ms: i64) -> String {
+pub(crate) fn format_timestamp(ms: i64) -> String {
     let (y, m, d) = civil_from_days(ms.div_euclid(DAY_MS));
     let t = ms.rem_euclid(DAY_MS);
     format!(

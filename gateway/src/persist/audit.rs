@@ -36,23 +36,8 @@ pub enum AuditError {
     Db(String),
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-    subject TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL, why TEXT NOT NULL,
-    prev_hash TEXT NOT NULL, hash TEXT NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;";
-
 /// Hash of the chain's start.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// Creates the audit table (and its append-only triggers) if missing.
-pub fn init(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(SCHEMA)
-}
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn hash(seq: i64, prev: &str, e: &AuditEntry) -> String {
     let mut h = Sha256::new();
@@ -75,7 +60,7 @@ fn hash(seq: i64, prev: &str, e: &AuditEntry) -> String {
 }
 
 /// Appends `entry` to the chain (inside the caller's transaction, if any); returns its seq.
-pub fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
+pub(crate) fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
     let last: Option<(i64, String)> = conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -108,7 +93,7 @@ pub fn append(conn: &Connection, entry: &AuditEntry) -> rusqlite::Result<i64> {
 }
 
 /// The last `limit` entries, newest first.
-pub fn tail(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
+pub(crate) fn tail(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
     let mut stmt = conn.prepare(
         "SELECT ts, actor, action, subject, old, new, why FROM audit ORDER BY seq DESC LIMIT ?1",
     )?;
@@ -127,7 +112,7 @@ pub fn tail(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>
 }
 
 /// Checks the whole chain; returns the number of entries.
-pub fn verify(conn: &Connection) -> Result<u64, AuditError> {
+pub(crate) fn verify(conn: &Connection) -> Result<u64, AuditError> {
     let db = |e: rusqlite::Error| AuditError::Db(e.to_string());
     let mut stmt = conn
         .prepare("SELECT seq, ts, actor, action, subject, old, new, why, prev_hash, hash FROM audit ORDER BY seq")
@@ -196,8 +181,7 @@ mod tests {
 
     #[test]
     fn chain_verifies_and_detects_tampering() {
-        let conn = Connection::open_in_memory().unwrap();
-        init(&conn).unwrap();
+        let conn = crate::persist::open_in_memory().unwrap();
         for i in 0..5 {
             assert_eq!(append(&conn, &entry(i)).unwrap(), i + 1);
         }
@@ -223,8 +207,7 @@ mod tests {
 
     #[test]
     fn removed_entry_is_found() {
-        let conn = Connection::open_in_memory().unwrap();
-        init(&conn).unwrap();
+        let conn = crate::persist::open_in_memory().unwrap();
         for i in 0..3 {
             append(&conn, &entry(i)).unwrap();
         }

@@ -9,9 +9,9 @@ use std::path::Path;
 use calwatch_protocol::{AlertEvent, AlertState, Id};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::audit::{self, AuditEntry};
 use crate::alerts::OpenAlert;
-use crate::audit::{self, AuditEntry};
-use crate::checks::DeviceState;
+use crate::checks::{DeviceState, SavedDevice};
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -20,49 +20,22 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("state store: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("state store: {0}")]
+    Open(#[from] super::OpenError),
 }
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS device_state (
-    device TEXT PRIMARY KEY, state TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0,
-    readings INTEGER NOT NULL DEFAULT 0, last_seq INTEGER, last_ts INTEGER
-);
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS alert (
-    id TEXT PRIMARY KEY, device TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
-    owner TEXT NOT NULL, raised INTEGER NOT NULL, updated INTEGER NOT NULL,
-    event TEXT NOT NULL, clear_since INTEGER, seq INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS alert_open ON alert(state) WHERE state != 'resolved';
-CREATE INDEX IF NOT EXISTS alert_seq ON alert(seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS alert_log (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, event TEXT NOT NULL
-);
-";
 
 /// Alert transitions kept in `alert_log` for `Last-Event-ID` replays of the SSE stream; a
 /// client further behind than this is told to resync (re-read `/api/alerts`).
-pub const ALERT_LOG_KEEP: i64 = 100_000;
-
-/// Per-device state as persisted.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct SavedDevice {
-    pub state: DeviceState,
-    /// Sequence numbers skipped so far (CONTRACT §1: counted, reported in device status).
-    pub gaps: u64,
-    /// Readings checked (after dedup), over the device's life: each reading exactly once.
-    pub readings: u64,
-}
+pub(crate) const ALERT_LOG_KEEP: i64 = 100_000;
 
 /// The state store.
-pub struct StateStore {
+pub(crate) struct StateStore {
     conn: Connection,
 }
 
 /// One ingest commit: what changed since the last one.
 #[derive(Default)]
-pub struct Commit<'a> {
+pub(crate) struct Commit<'a> {
     /// Changed devices, with the [`state_hash`] of the state last written for each (0:
     /// unknown): a state whose hash is unchanged has only its counters and `last_seq` /
     /// `last_ts` updated, not its JSON rewritten.
@@ -78,40 +51,14 @@ pub struct Commit<'a> {
 }
 
 impl StateStore {
-    pub fn open(path: &Path) -> Result<StateStore, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch(
-            // No checkpoints in the commit path: a checkpoint copies the WAL into the database
-            // and fsyncs it, a stall of tens to hundreds of ms in the middle of a burst (every
-            // ~4 MB of state written). `Checkpointer` runs them on its own thread instead.
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA wal_autocheckpoint=0;",
-        )?;
-        conn.execute_batch(SCHEMA)?;
-        // Stores made before the `readings` column existed.
-        let has_readings: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('device_state') WHERE name = 'readings'")?
-            .exists([])?;
-        if !has_readings {
-            conn.execute_batch(
-                "ALTER TABLE device_state ADD COLUMN readings INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
-        // ... and before last_seq/last_ts had columns of their own (they were in `state`).
-        let has_last_seq: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('device_state') WHERE name = 'last_seq'")?
-            .exists([])?;
-        if !has_last_seq {
-            conn.execute_batch(
-                "ALTER TABLE device_state ADD COLUMN last_seq INTEGER; ALTER TABLE device_state ADD COLUMN last_ts INTEGER;",
-            )?;
-        }
-        audit::init(&conn)?;
+    pub(crate) fn open(path: &Path) -> Result<StateStore, StoreError> {
+        let conn = super::open(path)?;
         Ok(StateStore { conn })
     }
 
     /// Alert events committed but not known to be published (a crash came between), oldest
     /// first, with their outbox seq.
-    pub fn load_outbox(&self) -> Result<Vec<(i64, AlertEvent)>, StoreError> {
+    pub(crate) fn load_outbox(&self) -> Result<Vec<(i64, AlertEvent)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT seq, event FROM outbox ORDER BY seq")?;
@@ -128,14 +75,14 @@ impl StateStore {
     }
 
     /// Deletes the outbox entries at or below `seq` (they were published).
-    pub fn published(&mut self, seq: i64) -> Result<(), StoreError> {
+    pub(crate) fn published(&mut self, seq: i64) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM outbox WHERE seq <= ?1", params![seq])?;
         Ok(())
     }
 
     /// Every device's saved state.
-    pub fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
+    pub(crate) fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT device, state, gaps, readings, last_seq, last_ts FROM device_state")?;
@@ -174,7 +121,7 @@ impl StateStore {
     }
 
     /// Open alerts and the next alert id.
-    pub fn load_alerts(&self) -> Result<(Vec<OpenAlert>, u64), StoreError> {
+    pub(crate) fn load_alerts(&self) -> Result<(Vec<OpenAlert>, u64), StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT event, clear_since FROM alert WHERE state != 'resolved'")?;
@@ -201,7 +148,7 @@ impl StateStore {
 
     /// Writes one commit atomically; returns the outbox seq of its last transition (0 when it
     /// has none) and the `alert_log` seq of each transition.
-    pub fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<Committed, StoreError> {
+    pub(crate) fn commit(&mut self, c: &Commit<'_>, now_ms: i64) -> Result<Committed, StoreError> {
         let tx = self.conn.transaction()?;
         let mut last_outbox = 0;
         let mut log_seqs = Vec::with_capacity(c.transitions.len());
@@ -319,18 +266,17 @@ impl StateStore {
 /// Checkpoints the registry file's WAL off the ingest thread, every second: PASSIVE (never
 /// waits for, nor blocks, the writer); when the WAL has grown past [`WAL_RESTART_PAGES`]
 /// anyway, a RESTART checkpoint (which waits for readers briefly) so it starts over.
-pub struct Checkpointer;
+pub(crate) struct Checkpointer;
 
 /// WAL pages (4 KiB) beyond which the checkpointer forces the log to start over.
-pub const WAL_RESTART_PAGES: i64 = 65_536;
+pub(crate) const WAL_RESTART_PAGES: i64 = 65_536;
 
 impl Checkpointer {
-    pub fn spawn(
+    pub(crate) fn spawn(
         path: &Path,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA busy_timeout=5000;")?;
+        let conn = super::open(path)?;
         let thread = std::thread::Builder::new()
             .name("wal-checkpoint".into())
             .spawn(move || {
@@ -365,7 +311,7 @@ impl Checkpointer {
 
 /// What [`StateStore::commit`] wrote.
 #[derive(Debug, Default)]
-pub struct Committed {
+pub(crate) struct Committed {
     /// Outbox seq of the last transition (0 without any).
     pub outbox: i64,
     /// `alert_log` seq of each transition, in order: the SSE event ids.
@@ -376,7 +322,7 @@ pub struct Committed {
 
 /// A hash of a device state's JSON (which leaves out `last_seq` and `last_ts`): equal when
 /// nothing but those changed, so the commit need not rewrite it.
-pub fn state_hash(json: &[u8]) -> u64 {
+pub(crate) fn state_hash(json: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     json.hash(&mut h);
@@ -385,22 +331,19 @@ pub fn state_hash(json: &[u8]) -> u64 {
 
 /// Read-only access to the alerts for the HTTP API (its own connection: reads never wait for
 /// ingest, WAL lets them run beside its commits).
-pub struct AlertReader {
+pub(crate) struct AlertReader {
     conn: Connection,
 }
 
 impl AlertReader {
-    pub fn open(path: &Path) -> Result<AlertReader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.execute_batch("PRAGMA busy_timeout=5000;")?;
-        Ok(AlertReader { conn })
+    pub(crate) fn open(path: &Path) -> Result<AlertReader, StoreError> {
+        Ok(AlertReader {
+            conn: super::open_reader(path)?,
+        })
     }
 
     /// Alerts, newest first, filtered, with the number matching.
-    pub fn alerts(
+    pub(crate) fn alerts(
         &self,
         filter: &AlertFilter,
         limit: usize,
@@ -441,7 +384,7 @@ impl AlertReader {
     }
 
     /// One alert by id.
-    pub fn alert(&self, id: &str) -> Result<Option<AlertEvent>, StoreError> {
+    pub(crate) fn alert(&self, id: &str) -> Result<Option<AlertEvent>, StoreError> {
         let text: Option<String> = self
             .conn
             .query_row("SELECT event FROM alert WHERE id = ?1", [id], |r| r.get(0))
@@ -451,7 +394,7 @@ impl AlertReader {
 
     /// Logged transitions after `after` (of `owner` only, when given), oldest first, at most
     /// `limit`; `None` when `after` is older than what the log keeps (the client must resync).
-    pub fn log_after(
+    pub(crate) fn log_after(
         &self,
         after: i64,
         owner: Option<&str>,
@@ -480,20 +423,11 @@ impl AlertReader {
         }
         Ok(Some(out))
     }
-
-    /// The newest logged seq (0 when none).
-    pub fn last_log_seq(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM alert_log", [], |r| {
-                r.get(0)
-            })?)
-    }
 }
 
 /// Filters of `GET /api/alerts`.
 #[derive(Debug, Default, Clone)]
-pub struct AlertFilter {
+pub(crate) struct AlertFilter {
     pub state: Option<String>,
     pub kind: Option<String>,
     pub owner: Option<String>,

@@ -12,82 +12,9 @@ use calwatch_protocol::Id;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
-use crate::registry::{Registry, RegistryError};
-
-/// What a token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// An instrument owner: its own devices, alerts, coverage; registers its devices.
-    Owner,
-    /// A verification officer: records certificates; reads devices.
-    Verifier,
-    /// The bureau's supervisor: reads everything, acknowledges alerts.
-    Supervisor,
-    /// Operates the registry: registers devices of any owner; reads everything; cannot
-    /// record certificates or acknowledge alerts.
-    Admin,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Owner, Role::Verifier, Role::Supervisor, Role::Admin];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Owner => "owner",
-            Role::Verifier => "verifier",
-            Role::Supervisor => "supervisor",
-            Role::Admin => "admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
-
-/// Who is calling.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    /// The token's name (the actor in the audit log).
-    pub name: String,
-    pub role: Role,
-    /// For owners: the owner id every request is scoped to.
-    pub owner: Option<Id>,
-}
-
-impl Principal {
-    /// Whether this caller may see data of `owner`.
-    pub fn sees(&self, owner: &str) -> bool {
-        match self.role {
-            Role::Owner => self.owner.as_ref().is_some_and(|o| o.as_str() == owner),
-            _ => true,
-        }
-    }
-
-    /// The owner this caller is confined to (`None`: sees every owner).
-    pub fn scope(&self) -> Option<&Id> {
-        match self.role {
-            Role::Owner => self.owner.as_ref(),
-            _ => None,
-        }
-    }
-
-    /// `name` as the audit log's actor: `token:<name>`.
-    pub fn actor(&self) -> String {
-        format!("token:{}", self.name)
-    }
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS token (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, role TEXT NOT NULL, owner TEXT,
-    hash TEXT NOT NULL, created INTEGER NOT NULL, revoked INTEGER
-);";
-
-/// Creates the token table if missing (with the registry's own tables).
-pub fn init(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(SCHEMA)
-}
+use super::registry::{Registry, RegistryError};
+use crate::domain::now_ms;
+pub(crate) use crate::domain::role::{Principal, Role};
 
 /// Why a token could not be made or revoked.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +37,7 @@ fn secret_hash(secret: &str) -> String {
 }
 
 /// Equal without a timing difference that depends on where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -167,14 +94,14 @@ pub fn create(
             role.as_str(),
             owner.as_ref().map(Id::as_str),
             secret_hash(&secret),
-            crate::now_ms()
+            now_ms()
         ],
     )?;
     let id = tx.last_insert_rowid();
-    crate::audit::append(
+    super::audit::append(
         &tx,
-        &crate::audit::AuditEntry {
-            ts: crate::now_ms(),
+        &super::audit::AuditEntry {
+            ts: now_ms(),
             actor: actor.into(),
             action: "token.create".into(),
             subject: name.into(),
@@ -192,13 +119,13 @@ pub fn revoke(registry: &mut Registry, name: &str, actor: &str) -> Result<bool, 
     let tx = registry.conn().unchecked_transaction()?;
     let n = tx.execute(
         "UPDATE token SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
-        params![name, crate::now_ms()],
+        params![name, now_ms()],
     )?;
     if n > 0 {
-        crate::audit::append(
+        super::audit::append(
             &tx,
-            &crate::audit::AuditEntry {
-                ts: crate::now_ms(),
+            &super::audit::AuditEntry {
+                ts: now_ms(),
                 actor: actor.into(),
                 action: "token.revoke".into(),
                 subject: name.into(),
@@ -214,22 +141,20 @@ pub fn revoke(registry: &mut Registry, name: &str, actor: &str) -> Result<bool, 
 
 /// Checks bearer tokens against the registry file (read at every request, so a token made
 /// or revoked while the gateway runs counts at once).
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     conn: Mutex<Connection>,
 }
 
 impl Authenticator {
-    pub fn open(path: &Path) -> Result<Authenticator, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA busy_timeout=5000;")?;
-        init(&conn)?;
+    pub(crate) fn open(path: &Path) -> Result<Authenticator, rusqlite::Error> {
+        let conn = super::open(path)?;
         Ok(Authenticator {
             conn: Mutex::new(conn),
         })
     }
 
     /// The principal of `token`, or `None` when it is malformed, unknown, revoked or wrong.
-    pub fn check(&self, token: &str) -> Option<Principal> {
+    pub(crate) fn check(&self, token: &str) -> Option<Principal> {
         let rest = token.strip_prefix("cw_")?;
         let (id, secret) = rest.split_once('_')?;
         let id: i64 = id.parse().ok()?;

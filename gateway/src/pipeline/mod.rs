@@ -1,109 +1,42 @@
-//! Ingest: the MQTT subscription to every agent's readings (and status) → decode → agent
-//! assignment → dedup on (device, seq) → checks → alert lifecycle → line protocol → the sinks'
-//! durable queues.
+//! The pipeline: what ingest does to a message, without I/O. Bytes of an agent's message in
+//! (a reading batch or a status) → decode → agent assignment → dedup on (device, seq) →
+//! [`checks::check_reading`] → [`AlertBook::apply`] / [`AlertBook::settle`] → points of
+//! CONTRACT §4 ([`crate::series`]) and alert events out; the device states changed in memory,
+//! to be made durable by the caller ([`Pipeline::changes`], then [`Pipeline::committed`]).
 //!
-//! # Durability order
-//!
-//! DESIGN: "the gateway acks an MQTT message only after its readings are checked and handed
-//! to the sink's durable queue". The subscription is a persistent session (`clean_session =
-//! false`) with manual acks, so the broker redelivers whatever the gateway did not ack, also
-//! across a gateway restart. Messages are taken in bursts (what is ready, up to
-//! [`BURST_MESSAGES`] messages or [`BURST_BYTES`] of payload) and each burst goes through:
-//!
-//! 1. **process in memory** ([`Pipeline`]): decode, assignment, dedup against the device's
-//!    `last_seq`, [`checks::check_reading`], [`AlertBook::apply`] / [`AlertBook::settle`], line
-//!    protocol for the readings and the alert events;
-//! 2. **queue**: append the burst's line protocol to *every* sink target's spool and `sync()`
-//!    it (a full spool blocks here: backpressure, never a drop);
-//! 3. **commit**: the changed device states (with `last_seq`, gaps, readings checked), the
-//!    changed alerts, the next alert id, the audit entries of the alert transitions and the
-//!    transitions themselves (the outbox) in *one* SQLite transaction;
-//! 4. **ack** the burst's MQTT messages;
-//! 5. **publish** the alert events on `calwatch/v1/alerts/{owner}/{device}` (QoS 1, not
-//!    retained) and broadcast them in-process; their outbox rows are deleted by a later
-//!    commit, a few seconds after they were handed to the MQTT client.
-//!
-//! A crash at any point loses nothing acked, and checks nothing twice:
-//! - before 2 completes: nothing is durable; the broker redelivers the burst and the restarted
-//!   gateway processes it from the committed state, exactly as the first time.
-//! - after 2, before 3: the queues hold the burst's points but the state does not know them.
-//!   Redelivered, the burst is re-checked from the old committed state and produces the same
-//!   points again (the checks are deterministic functions of state and reading, in event
-//!   time): same series, timestamp and fields, which InfluxDB stores once (a point overwrites
-//!   its equal; VictoriaMetrics keeps both samples unless its deduplication is on). Its alert
-//!   events are raised for the first time as far as anyone outside can tell: nothing of the
-//!   burst was committed, acked or published. Their ids continue from the persisted next id
-//!   (the same ids as in the first attempt, unless a sweep raised something first).
-//! - after 3, before 4: redelivered readings have `seq <= last_seq` and are dropped as
-//!   duplicates (counted); the burst's events sit in the outbox and are published at
-//!   startup.
-//! - after 4, before the outbox rows are deleted: the events are published again at startup
-//!   (at least once; a receiver sees the same id, state and `updated` twice).
-//!
-//! Redelivery of anything else is harmless for the same reason: dedup on (device, seq) against
-//! the committed `last_seq`. The sink writers read the spools in order and acknowledge records
-//! only after the store answered 2xx (or the record went to the dead-letter file), syncing
-//! the spool's ledger then, so a restart replays unwritten points in order (and at most the
-//! request in flight at a crash is written again: the same points).
-//!
-//! Liveness, the window sweep of silent devices and the periodic measurements
-//! (`device_status`, `coverage`, open alerts) run on the wall clock every `[sweep] interval_s`
-//! through the same steps 1–3 and 5 (there is nothing to ack); see [`crate::sweep`].
+//! The checks are deterministic functions of state and reading, in event time, so a message
+//! processed again from the same committed state produces the same points and events: what
+//! makes redelivery after a crash harmless (see `crate::ingest` for the durability order).
+//! The wall-clock part is [`sweep`]; what the API reads and changes is [`views`].
+
+mod sweep;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
+pub(crate) mod views;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use calwatch_agent::backoff::Backoff;
-use calwatch_agent::mqtt::MqttConfig;
 use calwatch_protocol::{
-    alert_topic, AgentState, AgentStatus, AlertEvent, BatchDecoder, BatchView, Id, Topic, Value,
-    READINGS_FILTER, STATUS_FILTER,
+    AgentState, AgentStatus, AlertEvent, BatchDecoder, BatchView, Id, Topic, Value,
 };
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
-use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::alerts::AlertBook;
-use crate::checks::{self, liveness, CheckConfig, Verdict};
-pub use crate::command::Command;
+use crate::checks::{self, liveness, CheckConfig, SavedDevice, Verdict};
+use crate::domain::{Device, DeviceKind, Devices};
 use crate::metrics::Metrics;
-use crate::registry::{Device, Registry};
+use crate::series;
 use crate::sink::line::LineBuffer;
-use crate::sink::Queues;
-use crate::store::{Commit, Committed, SavedDevice, StateStore, StoreError};
-use crate::LoggedAlert;
 
-/// A burst takes at most this many MQTT messages ...
-pub const BURST_MESSAGES: usize = 64;
-/// ... or this much payload (about 3,000 readings of ~170 bytes): an alert is published when
-/// its burst is durable, so the burst bounds the reading → alert latency (about 2 µs to check
-/// and 2–3 µs to commit a reading: ~15 ms of work per full burst), while the per-burst cost
-/// (two queue fsyncs, one SQLite transaction) stays small against it.
-pub const BURST_BYTES: usize = 512 << 10;
-
-/// How often the registry is asked whether another process (`calwatch-gateway import`)
-/// changed it: one single-row query, so such an import counts within seconds.
-const REGISTRY_WATCH: Duration = Duration::from_secs(2);
-
-/// Published alert events stay in the outbox this long, so a crash right after publishing
-/// publishes them again rather than never.
-const OUTBOX_GRACE: Duration = Duration::from_secs(3);
-
-/// Why ingest could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error("mqtt settings: {0}")]
-    Settings(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("ingest task: {0}")]
-    Task(String),
-}
-
-/// The gateway was asked to stop while it waited (for a full queue, a failing disk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped;
+/// Readings kept per watched device for the console's chart.
+pub(crate) const RECENT_READINGS: usize = 300;
+/// Devices watched at once (their recent readings kept in memory).
+pub(crate) const WATCHED_MAX: usize = 32;
+/// A device not asked for this long is no longer watched.
+pub(crate) const WATCH_FOR: Duration = Duration::from_secs(600);
 
 /// What processing produced: line protocol for the sinks and alert events to publish.
 #[derive(Debug, Default)]
@@ -125,7 +58,7 @@ impl Output {
     /// `first` on: what each alert transition adds besides the event itself.
     pub(crate) fn alert_points(&mut self, first: usize, metrics: &Metrics) {
         for e in &self.events[first..] {
-            write_alert(&mut self.lines, e, e.updated);
+            series::alert(&mut self.lines, e, e.updated);
             metrics.alert(e.kind, e.state);
         }
     }
@@ -150,7 +83,7 @@ pub(crate) struct Slot {
     pub(crate) dirty: bool,
     /// Recent readings, kept only while the console watches the device.
     pub(crate) recent: Option<Box<Recent>>,
-    /// [`crate::store::state_hash`] of the state last committed (0: not known).
+    /// [`crate::persist::state::state_hash`] of the state last committed (0: not known).
     pub(crate) stored_hash: u64,
 }
 
@@ -218,10 +151,10 @@ pub(crate) struct AgentInfo {
     pub(crate) down: bool,
 }
 
-/// The ingest pipeline without I/O: bytes of MQTT messages in, line protocol and alert events
-/// out, state changed in memory (committed by the caller).
+/// The pipeline over the registered devices and their check state (see the module
+/// documentation).
 pub struct Pipeline {
-    pub(crate) registry: Registry,
+    pub(crate) devices: Devices,
     /// Every registered device (boxed: the map's spare capacity stays small).
     pub(crate) states: IdMap<Box<Slot>>,
     /// Devices whose slot is dirty, in the order they became so.
@@ -238,12 +171,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline over `registry`, with the saved states and alerts of the last run. Every
+    /// A pipeline over `devices`, with the saved states and alerts of the last run. Every
     /// registered device gets a state (a default one if it has none saved); the open alerts
     /// are reconciled into the states (a kind with an open alert is present, so its `Clear`
     /// still comes).
     pub fn new(
-        registry: Registry,
+        devices: Devices,
         saved: Vec<(Id, SavedDevice)>,
         book: AlertBook,
         cfg: CheckConfig,
@@ -251,12 +184,12 @@ impl Pipeline {
     ) -> Pipeline {
         let mut saved: HashMap<Id, SavedDevice> = saved.into_iter().collect();
         let mut states: IdMap<Box<Slot>> =
-            IdMap::with_capacity_and_hasher(registry.len(), Default::default());
+            IdMap::with_capacity_and_hasher(devices.len(), Default::default());
         let mut agents: IdMap<AgentInfo> = IdMap::default();
         // Slots are allocated in the order agents' batches name devices (by agent, then id,
         // as most agents poll them), so the states of one batch lie close together in
         // memory rather than scattered in the registry's hash order.
-        let mut order: Vec<&Arc<Device>> = registry.device_arcs().collect();
+        let mut order: Vec<&Arc<Device>> = devices.device_arcs().collect();
         order.sort_unstable_by(|a, b| (&a.agent, &a.id).cmp(&(&b.agent, &b.id)));
         for device in order {
             let d: &Device = device;
@@ -297,7 +230,7 @@ impl Pipeline {
             }
         }
         Pipeline {
-            registry,
+            devices,
             states,
             dirty: Vec::new(),
             book,
@@ -310,8 +243,8 @@ impl Pipeline {
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    pub fn devices(&self) -> &Devices {
+        &self.devices
     }
 
     pub fn alerts(&self) -> &AlertBook {
@@ -431,7 +364,7 @@ impl Pipeline {
             );
             saved.readings += 1;
             if let Some(ring) = recent {
-                if ring.len() >= crate::command::RECENT_READINGS {
+                if ring.len() >= RECENT_READINGS {
                     ring.pop_front();
                 }
                 ring.push_back((r.ts, r.values.to_vec()));
@@ -447,15 +380,7 @@ impl Pipeline {
             self.book.settle(&device.id, r.ts, &mut out.events);
 
             let vstate = device.vstate(r.ts, self.cfg.due_soon_lead_ms);
-            let mut p = out.lines.point("reading").device_tags(device, vstate);
-            for (name, value, text) in r.values.iter_with_text() {
-                if name == "seq" {
-                    continue;
-                }
-                p = p.value(name, value, text);
-            }
-            p.int("seq", i64::try_from(r.seq).unwrap_or(i64::MAX))
-                .finish(r.ts);
+            series::reading(&mut out.lines, device, vstate, &r);
             out.alert_points(first_event, m);
             kinds[kind_slot(device)] += 1;
             out.readings += 1;
@@ -470,10 +395,10 @@ impl Pipeline {
         let checked: u64 = kinds.iter().sum();
         m.readings_checked.fetch_add(checked, Ordering::Relaxed);
         for (kind, n) in [
-            crate::registry::DeviceKind::Scale,
-            crate::registry::DeviceKind::Dispenser,
-            crate::registry::DeviceKind::EnergyMeter,
-            crate::registry::DeviceKind::Other,
+            DeviceKind::Scale,
+            DeviceKind::Dispenser,
+            DeviceKind::EnergyMeter,
+            DeviceKind::Other,
         ]
         .into_iter()
         .zip(kinds)
@@ -548,17 +473,10 @@ impl Pipeline {
         tracing::info!(%agent, devices = marked, "agent offline (last will or stop): its devices are offline");
     }
 
-    /// Commits the changes since the last commit, with the burst's alert `transitions`,
-    /// retrying a failing store until it works or `stop` is set; returns the outbox seq of the
-    /// last transition (0 without any).
-    pub fn commit(
-        &mut self,
-        store: &mut StateStore,
-        transitions: &[AlertEvent],
-        published_up_to: Option<i64>,
-        now_ms: i64,
-        stop: &AtomicBool,
-    ) -> Result<Committed, Stopped> {
+    /// What changed since the last commit, for the caller to make durable: the changed
+    /// devices (with the hash of the state last stored for each) and the changed alerts
+    /// (the newest version of each, with its clear-since time).
+    pub fn changes(&mut self) -> Changes<'_> {
         let mut seen = HashSet::new();
         let mut alerts = Vec::new();
         for ev in self.book.take_dirty().into_iter().rev() {
@@ -579,523 +497,40 @@ impl Pipeline {
             .filter_map(|id| self.states.get_key_value(id.as_str()))
             .map(|(id, slot)| (id, &slot.saved, slot.stored_hash))
             .collect();
-        let commit = Commit {
+        Changes {
             devices,
             alerts,
-            transitions: transitions.to_vec(),
             next_alert_id: self.book.next_id(),
-            published_up_to,
-        };
-        let backoff = Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        };
-        let mut attempt = 0;
-        let last = loop {
-            match store.commit(&commit, now_ms) {
-                Ok(last) => break last,
-                Err(e) => {
-                    let wait = backoff.delay(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tracing::error!(error = %e, retry_in = ?wait, "state commit failed; ingest waits (nothing acked)");
-                    if stop.load(Ordering::Relaxed) {
-                        return Err(Stopped);
-                    }
-                    std::thread::sleep(wait);
-                }
-            }
-        };
-        // The hashes follow `devices`: the dirty ids that have a slot, in order.
-        let mut hashes = last.hashes.iter();
+        }
+    }
+
+    /// The last [`Pipeline::changes`] are durable; `hashes` are the stored states' hashes, in
+    /// the order of their devices.
+    pub fn committed(&mut self, hashes: &[u64]) {
+        let mut hashes = hashes.iter();
         for id in self.dirty.drain(..) {
             if let Some(slot) = self.states.get_mut(id.as_str()) {
                 slot.dirty = false;
                 slot.stored_hash = hashes.next().copied().unwrap_or(0);
             }
         }
-        Ok(last)
     }
+}
+
+/// What changed since the last commit (see [`Pipeline::changes`]).
+pub struct Changes<'a> {
+    /// Changed devices, with the hash of the state last stored for each (0: unknown).
+    pub devices: Vec<(&'a Id, &'a SavedDevice, u64)>,
+    /// Alert versions to store, with their clear-since time.
+    pub alerts: Vec<(AlertEvent, Option<i64>)>,
+    pub next_alert_id: u64,
 }
 
 fn kind_slot(device: &Device) -> usize {
     match device.kind {
-        crate::registry::DeviceKind::Scale => 0,
-        crate::registry::DeviceKind::Dispenser => 1,
-        crate::registry::DeviceKind::EnergyMeter => 2,
-        crate::registry::DeviceKind::Other => 3,
-    }
-}
-
-/// An `alert` point (CONTRACT §4) of `e` at `ts_ms`.
-pub(crate) fn write_alert(lines: &mut LineBuffer, e: &AlertEvent, ts_ms: i64) {
-    lines
-        .point("alert")
-        .tag("device", e.device.as_str())
-        .tag("kind", e.kind.as_str())
-        .tag("severity", e.severity.as_str())
-        .tag("state", e.state.as_str())
-        .tag("owner", e.owner.as_str())
-        .tag("site", e.site.as_str())
-        .int("count", i64::try_from(e.count).unwrap_or(i64::MAX))
-        .string("message", &e.message)
-        .finish(ts_ms);
-}
-
-/// The pipeline with what makes its output durable: the state store and the sink queues.
-pub(crate) struct Core {
-    pub(crate) pipeline: Pipeline,
-    pub(crate) store: StateStore,
-    pub(crate) queues: Arc<Queues>,
-    pub(crate) out: Output,
-    /// Outbox seqs of published events, with when they were handed to the MQTT client.
-    published: VecDeque<(i64, Instant)>,
-}
-
-/// The result of one burst or sweep made durable: its events and their last outbox seq.
-#[derive(Default)]
-pub(crate) struct Durable {
-    pub(crate) events: Vec<AlertEvent>,
-    pub(crate) committed: Committed,
-}
-
-impl Core {
-    pub(crate) fn new(pipeline: Pipeline, store: StateStore, queues: Arc<Queues>) -> Core {
-        Core {
-            pipeline,
-            store,
-            queues,
-            out: Output::default(),
-            published: VecDeque::new(),
-        }
-    }
-
-    /// Steps 1–3 for a burst of MQTT messages.
-    fn burst(&mut self, msgs: &[Publish], stop: &AtomicBool) -> Result<Durable, Stopped> {
-        let now = crate::now_ms();
-        self.out.clear();
-        for m in msgs {
-            self.pipeline
-                .process(&m.topic, &m.payload, now, &mut self.out);
-        }
-        self.make_durable(now, stop)
-    }
-
-    /// Steps 1–3 for registry changes made by another process (see
-    /// [`Pipeline::pick_up_registry_changes`]).
-    fn registry_check(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
-        let now = crate::now_ms();
-        self.out.clear();
-        match self.pipeline.pick_up_registry_changes(now, &mut self.out) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                devices = n,
-                "registry changed by another process; picked up"
-            ),
-            Err(e) => tracing::warn!(error = %e, "registry not re-read; will try again"),
-        }
-        self.make_durable(now, stop)
-    }
-
-    /// Steps 1–3 for the wall-clock sweep.
-    fn sweep(&mut self, stop: &AtomicBool) -> Result<Durable, Stopped> {
-        let now = crate::now_ms();
-        self.out.clear();
-        self.pipeline.sweep(now, &mut self.out);
-        self.make_durable(now, stop)
-    }
-
-    pub(crate) fn make_durable(&mut self, now: i64, stop: &AtomicBool) -> Result<Durable, Stopped> {
-        let started = Instant::now();
-        if !self.out.lines.is_empty() {
-            self.queues.append(self.out.lines.as_str(), stop)?;
-        }
-        let events = std::mem::take(&mut self.out.events);
-        let mut published_up_to = None;
-        while let Some(&(seq, at)) = self.published.front() {
-            if at.elapsed() < OUTBOX_GRACE {
-                break;
-            }
-            published_up_to = Some(seq);
-            self.published.pop_front();
-        }
-        let mut committed = Committed::default();
-        if self.pipeline.has_changes() || !events.is_empty() || published_up_to.is_some() {
-            committed =
-                self.pipeline
-                    .commit(&mut self.store, &events, published_up_to, now, stop)?;
-        }
-        self.pipeline
-            .metrics
-            .commit_latency
-            .record(started.elapsed());
-        Ok(Durable { events, committed })
-    }
-}
-
-/// What the ingest task needs from the outside.
-pub(crate) struct IngestTask {
-    pub(crate) mqtt: MqttConfig,
-    pub(crate) client_id: String,
-    pub(crate) core: Core,
-    pub(crate) alerts: broadcast::Sender<LoggedAlert>,
-    pub(crate) commands: mpsc::Receiver<Command>,
-    pub(crate) sweep_interval: Duration,
-    pub(crate) max_pending: u64,
-    pub(crate) shutdown: watch::Receiver<bool>,
-}
-
-/// Messages received and not yet acknowledged beyond which the source takes no more
-/// (`[ingest] max_pending`; DESIGN "The gateway never stalls"). A broker's in-flight limit
-/// does not bound this: mosquitto 2.0 hands a resumed session's whole queue over at once
-/// (65,324 messages, 94 MB, were waiting in the flood test with `max_inflight_messages 100`).
-/// What arrives beyond the bound is dropped *unacknowledged*; once everything taken is
-/// processed, the source reconnects and the persistent session redelivers it.
-pub const DEFAULT_MAX_PENDING: u64 = 65_536;
-/// ... or this many payload bytes.
-pub const MAX_PENDING_BYTES: u64 = 256 << 20;
-
-/// Runs the MQTT subscription and the burst loop until `shutdown` turns true.
-///
-/// Two tasks, and backpressure runs one way (broker → source → burst → durable queues →
-/// stores). The source task only ever waits on the broker connection: it forwards every
-/// message into an unbounded channel (bounded in practice by the broker's in-flight window and
-/// by `[ingest] max_pending`), so keep-alives and acks go out while a burst is processed.
-/// The burst loop queues acks and alert events without waiting (the request channel has room
-/// for all of them); if it ever has to wait, the wait ends with the shutdown.
-pub(crate) async fn run(task: IngestTask) -> Result<(), IngestError> {
-    let IngestTask {
-        mqtt,
-        client_id,
-        core,
-        alerts,
-        mut commands,
-        sweep_interval,
-        max_pending,
-        mut shutdown,
-    } = task;
-    let mut opts = mqtt.options(&client_id).map_err(IngestError::Settings)?;
-    opts.set_manual_acks(true);
-    // A persistent session: what we did not acknowledge is redelivered after a reconnect.
-    opts.set_clean_session(false);
-    // rumqttc's request channel has room for the ack of every message that can be waiting,
-    // and alert events besides, so that queuing an ack never waits for the event loop.
-    let requests = usize::try_from(max_pending)
-        .unwrap_or(usize::MAX)
-        .saturating_add(16_384);
-    let (client, eventloop) = AsyncClient::new(opts, requests);
-    let metrics = core.pipeline.metrics.clone();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
-    let source = tokio::spawn(source(
-        eventloop,
-        client.clone(),
-        mqtt.url.clone(),
-        tx,
-        metrics.clone(),
-        max_pending,
-        shutdown.clone(),
-    ));
-
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        // Set `stop` as soon as shutdown is asked, so a burst waiting for a full queue ends.
-        let stop = stop.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
-
-    let mut core = Some(core);
-    // Events a crash kept from being published (or from being known published).
-    let leftover = match core.as_ref() {
-        Some(c) => c.store.load_outbox()?,
-        None => Vec::new(),
-    };
-    if !leftover.is_empty() {
-        tracing::info!(
-            events = leftover.len(),
-            "publishing alert events left in the outbox"
-        );
-        let last = leftover.last().map_or(0, |(seq, _)| *seq);
-        let events: Vec<AlertEvent> = leftover.into_iter().map(|(_, e)| e).collect();
-        publish(&client, &alerts, &events, &[], &shutdown).await;
-        if let Some(c) = core.as_mut() {
-            c.published.push_back((last, Instant::now()));
-        }
-    }
-
-    let mut sweep = tokio::time::interval(sweep_interval);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut registry_watch = tokio::time::interval(REGISTRY_WATCH);
-    registry_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Fair turns between API commands and bursts: after a burst a waiting command goes
-    // first, after a command a waiting burst, so neither starves the other (a command waits
-    // at most one burst; a stream of API writes takes at most every other turn).
-    let mut command_turn = false;
-    let mut result = Ok(());
-    loop {
-        enum Job {
-            Burst(Vec<Publish>, usize),
-            Sweep,
-            Registry,
-            Command(Option<Command>),
-        }
-        let job = tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            // Before the messages, so a backlog cannot starve them (each is ready once a period).
-            _ = sweep.tick() => Job::Sweep,
-            _ = registry_watch.tick() => Job::Registry,
-            Some(cmd) = commands.recv(), if command_turn || rx.is_empty() => Job::Command(Some(cmd)),
-            p = rx.recv() => match p {
-                Some(first) => {
-                    let mut bytes = first.payload.len();
-                    let mut burst = vec![first];
-                    while burst.len() < BURST_MESSAGES && bytes < BURST_BYTES {
-                        match rx.try_recv() {
-                            Ok(p) => {
-                                bytes += p.payload.len();
-                                burst.push(p);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    Job::Burst(burst, bytes)
-                }
-                None => break,
-            },
-        };
-        let Some(mut c) = core.take() else { break };
-        let stop_flag = stop.clone();
-        let mut job = job;
-        metrics.health.busy(crate::now_ms());
-        let joined = tokio::task::spawn_blocking(move || {
-            let r = match &mut job {
-                Job::Burst(msgs, _) => c.burst(msgs, &stop_flag),
-                Job::Sweep => c.sweep(&stop_flag),
-                Job::Registry => c.registry_check(&stop_flag),
-                Job::Command(cmd) => match cmd.take() {
-                    Some(cmd) => c.command(cmd, &stop_flag),
-                    None => Err(Stopped),
-                },
-            };
-            (c, job, r)
-        })
-        .await;
-        let (c, job, r) = match joined {
-            Ok(x) => x,
-            Err(e) => {
-                result = Err(IngestError::Task(e.to_string()));
-                break;
-            }
-        };
-        core = Some(c);
-        let Ok(durable) = r else {
-            // Asked to stop while waiting: nothing of this burst was committed or acked.
-            break;
-        };
-        match job {
-            Job::Burst(msgs, bytes) => {
-                command_turn = true;
-                for m in &msgs {
-                    if !ack(&client, m, &shutdown).await {
-                        break;
-                    }
-                }
-                metrics.health.done(msgs.len(), bytes);
-                metrics.bursts.fetch_add(1, Ordering::Relaxed);
-            }
-            Job::Command(_) => command_turn = false,
-            Job::Registry => {}
-            Job::Sweep => {
-                metrics.sweeps.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = core.as_ref() {
-                    tracing::info!(
-                        open_alerts = c.pipeline.book.open_count(),
-                        "{}",
-                        metrics.summary()
-                    );
-                }
-            }
-        }
-        metrics.health.progress(crate::now_ms());
-        if !durable.events.is_empty() {
-            publish(
-                &client,
-                &alerts,
-                &durable.events,
-                &durable.committed.log_seqs,
-                &shutdown,
-            )
-            .await;
-            if let Some(c) = core.as_mut() {
-                c.published
-                    .push_back((durable.committed.outbox, Instant::now()));
-            }
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    // The source sends what is queued before the disconnect, then ends.
-    let _ = client.try_disconnect();
-    let flushed = match tokio::time::timeout(Duration::from_secs(2), source).await {
-        Ok(Ok(disconnected)) => disconnected,
-        _ => false,
-    };
-    if let Some(mut c) = core {
-        // Disconnect sent what was queued before it: the outbox is published.
-        if let (true, Some(&(seq, _))) = (flushed, c.published.back()) {
-            if let Err(e) = c.store.published(seq) {
-                tracing::warn!(error = %e, "outbox not cleared; its events are published again at start");
-            }
-        }
-        tracing::info!("ingest stopped: {}", c.pipeline.metrics.summary());
-    }
-    result
-}
-
-/// The source: the broker connection's event loop. It waits on nothing but the connection
-/// (and, between reconnects, the backoff or the shutdown). Returns whether it ended with a
-/// clean disconnect (everything queued before it was sent).
-async fn source(
-    mut eventloop: rumqttc::EventLoop,
-    client: AsyncClient,
-    url: String,
-    tx: mpsc::UnboundedSender<Publish>,
-    metrics: Arc<Metrics>,
-    max_pending: u64,
-    shutdown: watch::Receiver<bool>,
-) -> bool {
-    // Alert events and acks are small: no Nagle delay (40 ms with delayed ACKs).
-    eventloop.network_options.set_tcp_nodelay(true);
-    let health = &metrics.health;
-    let backoff = Backoff {
-        min: Duration::from_millis(250),
-        max: Duration::from_secs(30),
-    };
-    let mut failures = 0u32;
-    let mut shedding = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                failures = 0;
-                health.connected();
-                tracing::info!(broker = %url, "gateway connected to broker");
-                let filters = [READINGS_FILTER, STATUS_FILTER]
-                    .map(|f| rumqttc::SubscribeFilter::new(f.to_owned(), QoS::AtLeastOnce));
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "cannot subscribe");
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                tracing::info!(
-                    filters = %format!("{READINGS_FILTER} {STATUS_FILTER}"),
-                    "gateway subscribed"
-                );
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let (waiting, bytes) = health.pending();
-                if shedding || waiting >= max_pending || bytes >= MAX_PENDING_BYTES {
-                    if !shedding {
-                        tracing::warn!(
-                            waiting,
-                            bytes,
-                            "too much waiting: dropping messages unacknowledged until it is processed, then reconnecting for their redelivery (lower the broker's in-flight limit)"
-                        );
-                    }
-                    shedding = true;
-                    health.shed();
-                } else {
-                    health.received(p.payload.len());
-                    if tx.send(p).is_err() {
-                        return false;
-                    }
-                }
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
-            Ok(_) => {}
-            Err(e) => {
-                health.disconnected(crate::now_ms());
-                let wait = backoff.delay(failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(broker = %url, error = %e, retry_in = ?wait, "broker connection lost");
-                if unless_stopping(tokio::time::sleep(wait), &shutdown)
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-            }
-        }
-        if shedding && health.pending().0 == 0 {
-            // Everything taken is processed and acknowledged: reconnect, and the session
-            // redelivers what was dropped.
-            tracing::info!(broker = %url, "reconnecting for the redelivery of dropped messages");
-            eventloop.clean();
-            health.disconnected(crate::now_ms());
-            shedding = false;
-        }
-    }
-}
-
-/// Queues the ack of `m`; waits (until the shutdown) only if the request channel is full.
-/// Returns false if the gateway is stopping.
-async fn ack(client: &AsyncClient, m: &Publish, shutdown: &watch::Receiver<bool>) -> bool {
-    if client.try_ack(m).is_ok() {
-        return true;
-    }
-    match unless_stopping(client.ack(m), shutdown).await {
-        Some(Ok(())) => true,
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "ack not sent; the broker will redeliver (dedup drops it)");
-            true
-        }
-        None => false,
-    }
-}
-
-/// `fut`, unless the gateway is asked to stop first (then `None`): every wait of ingest on
-/// something other than the broker connection ends with the shutdown.
-async fn unless_stopping<T>(
-    fut: impl std::future::Future<Output = T>,
-    shutdown: &watch::Receiver<bool>,
-) -> Option<T> {
-    let mut shutdown = shutdown.clone();
-    tokio::select! {
-        r = fut => Some(r),
-        _ = shutdown.wait_for(|s| *s) => None,
-    }
-}
-
-/// Step 5: alert events to MQTT (QoS 1, not retained) and to in-process subscribers. Like
-/// the acks, an event waits for room in the request channel only until the shutdown (it
-/// stays in the outbox and is published at the next start).
-async fn publish(
-    client: &AsyncClient,
-    alerts: &broadcast::Sender<LoggedAlert>,
-    events: &[AlertEvent],
-    log_seqs: &[i64],
-    shutdown: &watch::Receiver<bool>,
-) {
-    for (i, e) in events.iter().enumerate() {
-        let topic = alert_topic(&e.owner, &e.device);
-        let sent = match client.try_publish(&topic, QoS::AtLeastOnce, false, e.encode()) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                let publish = client.publish(topic, QoS::AtLeastOnce, false, e.encode());
-                match unless_stopping(publish, shutdown).await {
-                    Some(r) => r,
-                    None => return,
-                }
-            }
-        };
-        if let Err(err) = sent {
-            tracing::warn!(error = %err, id = %e.id, "alert event not published");
-        }
-        // No subscriber is not an error.
-        let _ = alerts.send(LoggedAlert {
-            seq: log_seqs.get(i).copied().unwrap_or(0),
-            event: e.clone(),
-        });
+        DeviceKind::Scale => 0,
+        DeviceKind::Dispenser => 1,
+        DeviceKind::EnergyMeter => 2,
+        DeviceKind::Other => 3,
     }
 }

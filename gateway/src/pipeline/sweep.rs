@@ -19,14 +19,10 @@ use std::collections::BTreeMap;
 
 use calwatch_protocol::AlertEvent;
 
+use super::{Output, Pipeline};
 use crate::checks::{self, liveness};
-use crate::ingest::{write_alert, Output, Pipeline};
-use crate::registry::{Device, DeviceKind, VState};
-
-const DAY_MS: i64 = 86_400_000;
-
-/// A device is in use (coverage) when it reported within this long of the sweep.
-pub const IN_USE_WITHIN_MS: i64 = DAY_MS;
+use crate::domain::{days_to_due, in_use_verified, Device, DeviceKind};
+use crate::series;
 
 impl Pipeline {
     /// Runs the sweep as of `now_ms` (wall clock).
@@ -63,73 +59,32 @@ impl Pipeline {
             }
             out.alert_points(first_event, &self.metrics);
 
-            let state = &slot.saved.state;
             let vstate = device.vstate(now_ms, lead);
-            let drift = checks::status(state);
-            let mut p = out
-                .lines
-                .point("device_status")
-                .device_tags(&slot.device, vstate);
-            if let Some(days) = days_to_due(device, now_ms) {
-                p = p.float("days_to_due", days);
-            }
-            for (name, value) in [
-                ("r_ewma", drift.r_ewma),
-                ("cusum_pos", drift.cusum_pos),
-                ("cusum_neg", drift.cusum_neg),
-            ] {
-                if let Some(x) = value {
-                    p = p.float(name, x);
-                }
-            }
-            if let Some(last) = state.last_ts {
-                p = p.float("last_seen_s", (now_ms - last) as f64 / 1000.0);
-            }
-            p.int("gaps", i64::try_from(slot.saved.gaps).unwrap_or(i64::MAX))
-                .finish(now_ms);
+            let drift = checks::status(&slot.saved.state);
+            series::device_status(
+                &mut out.lines,
+                device,
+                vstate,
+                &slot.saved,
+                days_to_due(device, now_ms),
+                &drift,
+                now_ms,
+            );
 
             let group = coverage
                 .entry((device.owner.as_str(), device.site.as_str(), device.kind))
                 .or_default();
-            if state
-                .last_ts
-                .is_some_and(|last| now_ms - last <= IN_USE_WITHIN_MS)
-            {
-                group.0 += 1;
-                if matches!(vstate, VState::Valid | VState::DueSoon) {
-                    group.1 += 1;
-                }
-            }
+            let (in_use, verified) =
+                in_use_verified(device, slot.saved.state.last_ts, now_ms, lead);
+            group.0 += i64::from(in_use);
+            group.1 += i64::from(verified);
         }
-        for ((owner, site, kind), (in_use, verified)) in coverage {
-            let mut p = out
-                .lines
-                .point("coverage")
-                .tag("owner", owner)
-                .tag("site", site)
-                .tag("kind", kind.as_str())
-                .int("in_use", in_use)
-                .int("verified", verified);
-            if in_use > 0 {
-                p = p.float("coverage_pct", 100.0 * verified as f64 / in_use as f64);
-            }
-            p.finish(now_ms);
+        for (group, (in_use, verified)) in coverage {
+            series::coverage(&mut out.lines, group, in_use, verified, now_ms);
         }
         let open: Vec<&AlertEvent> = self.book.open().map(|a| &a.event).collect();
         for e in open {
-            write_alert(&mut out.lines, e, now_ms);
+            series::alert(&mut out.lines, e, now_ms);
         }
     }
-}
-
-/// Days until the certificate in force at `now_ms` expires (negative when overdue); `None`
-/// without a certificate, or when it failed (a failed certificate's `valid_until` is ignored,
-/// DESIGN decision 2).
-pub fn days_to_due(device: &Device, now_ms: i64) -> Option<f64> {
-    let cert = device.certificate_at(now_ms)?;
-    if !cert.passed {
-        return None;
-    }
-    cert.valid_until
-        .map(|until| (until - now_ms) as f64 / DAY_MS as f64)
 }

@@ -150,7 +150,8 @@ impl LineBuffer {
 
 /// `key=value,key=value` with keys and values escaped, for [`Point::tags`]: the tags of a
 /// series, made once and written with every point of it.
-pub fn tag_set(pairs: &[(&str, &str)]) -> String {
+#[cfg(test)]
+pub(crate) fn tag_set(pairs: &[(&str, &str)]) -> String {
     let mut out = String::new();
     for (key, value) in pairs.iter().filter(|(_, v)| !v.is_empty()) {
         if !out.is_empty() {
@@ -176,21 +177,21 @@ impl Point<'_> {
         self
     }
 
-    /// Adds the tags of a device's series: `device`, `kind`, `owner`, `site` and `vstate`.
-    /// Ids never need escaping (`[A-Za-z0-9._-]`), nor do kinds and states, so they are
-    /// copied as they are: no per-device tag string is kept in memory and writing them costs
-    /// five copies.
-    pub fn device_tags(self, d: &crate::registry::Device, vstate: crate::registry::VState) -> Self {
+    /// Adds tags whose keys and values never need escaping (ids `[A-Za-z0-9._-]`, kinds,
+    /// states), copied as they are: no tag string is kept in memory per series, and writing
+    /// them costs one copy each.
+    pub fn plain_tags<const N: usize>(self, pairs: [(&str, &str); N]) -> Self {
         debug_assert_eq!(self.fields, 0, "tags go before fields");
         let b = &mut self.buf.buf;
-        for (key, value) in [
-            (",device=", d.id.as_str()),
-            (",kind=", d.kind.as_str()),
-            (",owner=", d.owner.as_str()),
-            (",site=", d.site.as_str()),
-            (",vstate=", vstate.as_str()),
-        ] {
+        for (key, value) in pairs {
+            debug_assert!(
+                !key.contains([',', '=', ' ', '"', '\\'])
+                    && !value.contains([',', '=', ' ', '"', '\\']),
+                "{key}={value} needs escaping"
+            );
+            b.push(',');
             b.push_str(key);
+            b.push('=');
             b.push_str(value);
         }
         self
@@ -319,45 +320,6 @@ fn push_int(out: &mut String, v: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_tags_are_the_escaped_tag_set() {
-        let d = crate::registry::Device {
-            id: calwatch_protocol::Id::new("HS-MTR-0007").unwrap(),
-            kind: crate::registry::DeviceKind::EnergyMeter,
-            owner: calwatch_protocol::Id::new("works.2_a").unwrap(),
-            site: calwatch_protocol::Id::new("plant-1").unwrap(),
-            agent: calwatch_protocol::Id::new("a").unwrap(),
-            model: Default::default(),
-            serial: Default::default(),
-            accuracy_class: None,
-            max: None,
-            e: None,
-            mpe_pct: None,
-            interval_s: 1,
-            reference_device: None,
-            certificates: Vec::new(),
-        };
-        let mut a = LineBuffer::new();
-        a.point("reading")
-            .device_tags(&d, crate::registry::VState::Valid)
-            .int("seq", 1)
-            .finish(5);
-        let mut b = LineBuffer::new();
-        let set = tag_set(&[
-            ("device", d.id.as_str()),
-            ("kind", d.kind.as_str()),
-            ("owner", d.owner.as_str()),
-            ("site", d.site.as_str()),
-            ("vstate", "valid"),
-        ]);
-        b.point("reading").tags(&set).int("seq", 1).finish(5);
-        assert_eq!(a.as_str(), b.as_str());
-        assert_eq!(
-            a.as_str(),
-            "reading,device=HS-MTR-0007,kind=energy_meter,owner=works.2_a,site=plant-1,vstate=valid seq=1i 5\n"
-        );
-    }
 
     #[test]
     fn escapes_and_types() {

@@ -21,7 +21,7 @@
 //! acknowledging MQTT messages, the broker stops delivering, and the agents' spools hold the
 //! backlog — rather than drop anything; then every target waits for the slowest.
 
-pub mod line;
+pub(crate) mod line;
 
 use std::io::Write as _;
 use std::ops::Range;
@@ -30,18 +30,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use calwatch_agent::backoff::Backoff;
+use calwatch_protocol::node::backoff::Backoff;
 use calwatch_spool::{FullPolicy, RecordId, Spool, SpoolConfig, SpoolError, SyncPolicy};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{QueueConfig, Sink, SinkConfig};
-use crate::ingest::Stopped;
 use crate::metrics::SinkMetrics;
 
+/// The gateway was asked to stop while it waited (for a full queue, a failing disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
 /// Lines per HTTP request (and per queue record), at most.
-pub const MAX_REQUEST_LINES: usize = 5_000;
+pub(crate) const MAX_REQUEST_LINES: usize = 5_000;
 /// Bytes of line protocol per HTTP request (and per queue record), at most (before gzip).
-pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+pub(crate) const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Segment files of a queue.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
@@ -591,7 +594,7 @@ fn dead_letter(q: &TargetQueue, part: &[u8], status: u16, message: &str) {
     tracing::error!(sink = %q.name, status, server = %message, file = %q.dead_letter.display(), line = %String::from_utf8_lossy(part).trim_end(), "store refused a line as bad data; moved to the dead-letter file");
     let mut text = format!(
         "# {} {status} {message}\n",
-        crate::civil::format_timestamp(crate::now_ms())
+        crate::domain::civil::format_timestamp(crate::domain::now_ms())
     )
     .into_bytes();
     text.extend_from_slice(part);

@@ -123,8 +123,8 @@ fn write_registry(dir: &Path) {
     let mut certs = String::from(
         "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\n",
     );
-    let today = calwatch_gateway::civil::format_date(now_ms() - 30 * 86_400_000);
-    let until = calwatch_gateway::civil::format_date(now_ms() + 300 * 86_400_000);
+    let today = calwatch_gateway::bench::format_date(now_ms() - 30 * 86_400_000);
+    let until = calwatch_gateway::bench::format_date(now_ms() + 300 * 86_400_000);
     for i in 0..AGENT_DEVICES {
         let _ = writeln!(
             devices,
