@@ -101,6 +101,7 @@ impl Gateway {
         let registry = Registry::open(&cfg.registry.path)?;
         let store = StateStore::open(&cfg.registry.path)?;
         let saved = store.load_devices()?;
+        let agents = store.load_agents()?;
         let (open, next_id) = store.load_alerts()?;
         let queues = Arc::new(Queues::open(&cfg.sinks, &cfg.queue)?);
         let metrics = Arc::new(Metrics::new(
@@ -124,6 +125,8 @@ impl Gateway {
             cfg.checks.clone(),
             metrics.clone(),
         );
+        let mut pipeline = pipeline;
+        pipeline.restore_agents(agents, domain::now_ms());
         let core = Core::new(pipeline, registry, store, queues.clone());
         let (alerts, _) = broadcast::channel(ALERT_BROADCAST);
         let (commands, commands_rx) = mpsc::channel(COMMANDS);

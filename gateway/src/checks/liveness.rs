@@ -6,10 +6,23 @@
 //! device clears it ([`super::check_reading`]).
 
 use calwatch_protocol::{AlertKind, Id, Severity};
-use serde_json::Value as JsonValue;
+use serde_json::{Map, Value as JsonValue};
 
 use super::{clear, evidence, raise_condition, raise_event, CheckConfig, DeviceState, Verdict};
 use crate::domain::Device;
+
+/// An agent's liveness as saved (decision 11: it survives a restart).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AgentLiveness {
+    /// Its last will (or a clean stop) said it is offline, and nothing came since.
+    pub(crate) down: bool,
+    /// Silent on the wall clock; its devices were taken offline.
+    pub(crate) silent: bool,
+    /// The newest `ts` of an accepted reading (the event-time watermark).
+    pub(crate) watermark: Option<i64>,
+    /// When it was last heard from (a batch or a status), by the gateway's clock.
+    pub(crate) heard: Option<i64>,
+}
 
 /// How long a device may stay without a reading: `offline_factor` × `interval_s`, in ms.
 pub(crate) fn offline_after_ms(device: &Device, cfg: &CheckConfig) -> i64 {
@@ -27,47 +40,19 @@ pub(crate) fn silent(device: &Device, state: &DeviceState, at: i64, cfg: &CheckC
         .is_none_or(|last| at.saturating_sub(last) >= offline_after_ms(device, cfg))
 }
 
-/// Judges one device against its agent's event-time watermark: `Raise offline` when it has
-/// had no reading for exactly or more than `offline_factor` × `interval_s` (again as a
-/// heartbeat after `repeat_ms`), `Clear` when it is back. A device never heard from is not
-/// judged (it has no `last_ts` to be late against; the sweep reminds about its window).
+/// The watermark rule alone (decision 1): [`judge`] with only the agent's watermark.
+#[cfg(test)]
 pub(crate) fn check(
     device: &Device,
     state: &mut DeviceState,
     agent_watermark_ms: i64,
     cfg: &CheckConfig,
 ) -> Option<Verdict> {
-    let last = state.last_ts?;
-    let mut out = Vec::new();
-    if agent_watermark_ms.saturating_sub(last) >= offline_after_ms(device, cfg) {
-        raise_condition(
-            &mut state.present,
-            AlertKind::Offline,
-            Severity::Warning,
-            agent_watermark_ms,
-            cfg,
-            false,
-            &mut out,
-            || {
-                let silent_s = (agent_watermark_ms - last) / 1000;
-                (
-                    format!(
-                        "no reading for {silent_s} s ({} × interval {} s) by the agent's clock",
-                        cfg.offline_factor, device.interval_s
-                    ),
-                    evidence([
-                        ("last_seen", JsonValue::from(last)),
-                        ("agent_watermark", JsonValue::from(agent_watermark_ms)),
-                        ("interval_s", JsonValue::from(device.interval_s)),
-                        ("agent", JsonValue::from(device.agent.as_str())),
-                    ]),
-                )
-            },
-        );
-    } else {
-        clear(&mut state.present, AlertKind::Offline, &mut out);
-    }
-    out.pop()
+    let s = Signals {
+        watermark: Some(agent_watermark_ms),
+        ..Signals::default()
+    };
+    judge(device, state, &s, cfg).map(|(v, _)| v)
 }
 
 /// Why a whole agent is considered gone.
@@ -76,9 +61,6 @@ pub(crate) enum AgentDown {
     /// Its MQTT last will (`"state":"offline"`) arrived.
     LastWill,
     /// Nothing from it on the wall clock for `offline_factor` × its batch interval.
-    // DESIGN decision 1's agent-silent rule, so far only in tests: ingest wires it in with
-    // decision 11 (issue #16).
-    #[allow(dead_code)]
     Silent,
 }
 
@@ -92,9 +74,115 @@ impl AgentDown {
     }
 }
 
+/// Every agent publishes its status at least this often (decision 11); an agent unheard for
+/// `offline_factor` of these is silent.
+pub(crate) const AGENT_STATUS_EVERY_MS: i64 = 60_000;
+
+/// What says a device of an online agent is offline (decisions 1 and 11), for [`judge`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Signals {
+    /// The agent's event-time watermark: offline when it is [`offline_after_ms`] past the
+    /// device's last reading.
+    pub(crate) watermark: Option<i64>,
+    /// The wall clock now, and since when the device has sent nothing by it (when its last
+    /// reading arrived, or when this gateway started if that is later: a restart is no
+    /// silence): offline after [`offline_after_ms`], also when it is the agent's only device.
+    pub(crate) wall: Option<(i64, i64)>,
+    /// The least wall-clock silence that counts, whatever the device's interval (readings
+    /// arrive in batches; see the sweep).
+    pub(crate) wall_min_ms: i64,
+    /// The agent's status says it cannot poll the device: the status time and the last good
+    /// poll (both by the agent's clock): offline once that is [`offline_after_ms`] ago.
+    pub(crate) failing: Option<(i64, Option<i64>)>,
+}
+
+/// Judges a device of an online agent by every liveness rule at once: `Raise offline` when
+/// any holds (as of the rule's own time), `Clear` only when none does, so one rule never
+/// clears what another holds; with the time to apply it at (the rule's, for a clear the
+/// watermark, else the wall clock). A device never heard from is not judged.
+pub(crate) fn judge(
+    device: &Device,
+    state: &mut DeviceState,
+    s: &Signals,
+    cfg: &CheckConfig,
+) -> Option<(Verdict, i64)> {
+    let last = state.last_ts?;
+    let limit = offline_after_ms(device, cfg);
+    let agent = JsonValue::from(device.agent.as_str());
+    let mut why: Option<(i64, String, Map<String, JsonValue>)> = None;
+    if let Some(wm) = s.watermark.filter(|wm| wm.saturating_sub(last) >= limit) {
+        why = Some((
+            wm,
+            format!(
+                "no reading for {} s ({} × interval {} s) by the agent's clock",
+                (wm - last) / 1000,
+                cfg.offline_factor,
+                device.interval_s
+            ),
+            evidence([
+                ("last_seen", JsonValue::from(last)),
+                ("agent_watermark", JsonValue::from(wm)),
+                ("interval_s", JsonValue::from(device.interval_s)),
+                ("agent", agent.clone()),
+            ]),
+        ));
+    }
+    if let Some((status_ts, last_ok)) = s.failing {
+        let failing_for = last_ok.map_or(i64::MAX, |ok| status_ts.saturating_sub(ok));
+        if why.is_none() && failing_for >= limit {
+            let at = s.wall.map_or(status_ts, |(now, _)| now);
+            why = Some((
+                at,
+                format!("agent {} cannot poll the device", device.agent),
+                evidence([
+                    ("last_seen", JsonValue::from(last)),
+                    ("last_ok", last_ok.map_or(JsonValue::Null, JsonValue::from)),
+                    ("cause", JsonValue::from("poll_failing")),
+                    ("agent", agent.clone()),
+                ]),
+            ));
+        }
+    }
+    if let Some((now, since)) = s.wall {
+        if why.is_none() && now.saturating_sub(since) >= limit.max(s.wall_min_ms) {
+            why = Some((
+                now,
+                format!(
+                    "nothing received for {} s ({} × interval {} s) while its agent is online",
+                    (now - since) / 1000,
+                    cfg.offline_factor,
+                    device.interval_s
+                ),
+                evidence([
+                    ("last_seen", JsonValue::from(last)),
+                    ("silent_since", JsonValue::from(since)),
+                    ("cause", JsonValue::from("wall_clock_silence")),
+                    ("agent", agent),
+                ]),
+            ));
+        }
+    }
+    let mut out = Vec::with_capacity(1);
+    let clear_at = s.watermark.or(s.wall.map(|(now, _)| now)).unwrap_or(last);
+    let at = why.as_ref().map_or(clear_at, |(at, _, _)| *at);
+    match why {
+        Some((at, message, ev)) => raise_condition(
+            &mut state.present,
+            AlertKind::Offline,
+            Severity::Warning,
+            at,
+            cfg,
+            false,
+            &mut out,
+            || (message, ev),
+        ),
+        None => clear(&mut state.present, AlertKind::Offline, &mut out),
+    }
+    out.pop().map(|v| (v, at))
+}
+
 /// Whether an agent last heard from at `last_heard_ms` (wall clock) is silent at `now_ms`,
 /// given its batch interval: silent for exactly or more than `offline_factor` intervals.
-#[cfg_attr(not(test), allow(dead_code))] // see `AgentDown::Silent`
 pub(crate) fn agent_silent(
     last_heard_ms: i64,
     batch_interval_ms: i64,

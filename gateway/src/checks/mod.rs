@@ -321,6 +321,9 @@ pub struct SavedDevice {
     pub gaps: u64,
     /// Readings checked (after dedup), over the device's life: each reading exactly once.
     pub readings: u64,
+    /// When the last accepted reading arrived, by the gateway's clock (not its `ts`): what
+    /// wall-clock silence and use are judged by (decision 11; a lagging agent clock).
+    pub arrived: Option<i64>,
 }
 
 /// Everything the checks remember about one device. Persist it with the alerts.
@@ -507,12 +510,25 @@ pub(crate) fn sweep(
     device: &Device,
     state: &mut DeviceState,
     now_ms: i64,
+    arriving: bool,
     cfg: &CheckConfig,
     out: &mut Vec<Verdict>,
 ) {
+    // Silent by its own timestamps: judged as of the sweep. Still `arriving` on the wall
+    // clock, it is in use all the same (its agent's clock lags by more than the offline
+    // limit), so an overdue instrument in use is critical however far behind the clock is.
     if liveness::silent(device, state, now_ms, cfg) {
-        window::judge(device, &mut state.present, now_ms, false, cfg, out);
+        window::judge(device, &mut state.present, now_ms, arriving, cfg, out);
     }
+}
+
+/// Whether the device's verification still holds: no `seal_broken` or `param_changed` open
+/// (decision 15: a broken seal voids the verification; `identity_mismatch` joins them when
+/// the instrument's identity is checked).
+pub(crate) fn intact(state: &DeviceState) -> bool {
+    [AlertKind::SealBroken, AlertKind::ParamChanged]
+        .into_iter()
+        .all(|k| state.present.get(k).is_none())
 }
 
 /// The verification window of `device` judged at `now_ms` (after its certificates changed):

@@ -36,7 +36,9 @@ pub(crate) fn condition(vstate: VState, in_use: bool) -> Option<(AlertKind, Seve
 }
 
 /// Judges the window at `at` (a reading's `ts` when `in_use`, the sweep time otherwise):
-/// clears the window kinds that no longer apply, then raises the one that does.
+/// clears the window kinds that no longer apply, then raises the one that does. A judgement
+/// at an earlier time than the window alert present changes nothing: a reading stamped by a
+/// lagging clock cannot clear what the sweep saw as of now.
 pub(super) fn judge(
     device: &Device,
     present: &mut Presence,
@@ -45,6 +47,12 @@ pub(super) fn judge(
     cfg: &CheckConfig,
     out: &mut Vec<Verdict>,
 ) {
+    if WINDOW_KINDS
+        .into_iter()
+        .any(|k| present.get(k).is_some_and(|r| r.at > at))
+    {
+        return;
+    }
     let vstate = device.vstate(at, cfg.due_soon_lead_ms);
     let cond = condition(vstate, in_use);
     for kind in WINDOW_KINDS {
@@ -225,12 +233,12 @@ mod tests {
         let mut st = DeviceState::default();
         let mut out = Vec::new();
         // never heard from: silent; reminders are info, overdue a warning
-        sweep(&d, &mut st, until - DAY, &cfg, &mut out);
+        sweep(&d, &mut st, until - DAY, false, &cfg, &mut out);
         assert_eq!(raised(&out), [(AlertKind::DueSoon, Severity::Info)]);
         out.clear();
-        sweep(&d, &mut st, until - DAY + 60_000, &cfg, &mut out);
+        sweep(&d, &mut st, until - DAY + 60_000, false, &cfg, &mut out);
         assert!(out.is_empty(), "no repeat within repeat_ms: {out:?}");
-        sweep(&d, &mut st, until, &cfg, &mut out);
+        sweep(&d, &mut st, until, false, &cfg, &mut out);
         assert_eq!(out[0], clear_of(AlertKind::DueSoon));
         assert_eq!(raised(&out), [(AlertKind::Overdue, Severity::Warning)]);
         // it starts reporting while overdue: the same alert becomes critical
@@ -240,16 +248,30 @@ mod tests {
         // a sweep while it reports leaves it to its readings
         out.clear();
         let interval = d.interval_s as i64 * 1000;
-        sweep(&d, &mut st, until + 1000 + 3 * interval - 1, &cfg, &mut out);
+        sweep(
+            &d,
+            &mut st,
+            until + 1000 + 3 * interval - 1,
+            false,
+            &cfg,
+            &mut out,
+        );
         assert!(out.is_empty(), "{out:?}");
         // silent again for 3 × interval_s: back to a warning
-        sweep(&d, &mut st, until + 1000 + 3 * interval, &cfg, &mut out);
+        sweep(
+            &d,
+            &mut st,
+            until + 1000 + 3 * interval,
+            false,
+            &cfg,
+            &mut out,
+        );
         assert_eq!(raised(&out), [(AlertKind::Overdue, Severity::Warning)]);
         // a device without any certificate
         let bare = device(DeviceKind::EnergyMeter, Some("1"));
         let mut st = DeviceState::default();
         out.clear();
-        sweep(&bare, &mut st, until, &cfg, &mut out);
+        sweep(&bare, &mut st, until, false, &cfg, &mut out);
         assert_eq!(raised(&out), [(AlertKind::Unverified, Severity::Warning)]);
     }
 }

@@ -143,16 +143,20 @@ impl Device {
 }
 
 /// The coverage rule (DESIGN "Coverage"), the one both the `coverage` measurement and the
-/// API apply: whether a device reported recently enough at `now` to count as in use, and
-/// whether it is verified then (valid or due soon).
+/// API apply: whether a device reported recently enough at `now` to count as in use
+/// (`last_seen`: its last reading's `ts`, or its arrival if later, so a lagging agent clock
+/// cannot hide an instrument in use), and whether it is verified then: valid or due soon, and
+/// `intact` (decision 15: no broken seal or changed parameter open).
 pub(crate) fn in_use_verified(
     device: &Device,
-    last_ts: Option<i64>,
+    last_seen: Option<i64>,
+    intact: bool,
     now: i64,
     lead: i64,
 ) -> (bool, bool) {
-    let in_use = last_ts.is_some_and(|last| now - last <= IN_USE_WITHIN_MS);
-    let verified = in_use && matches!(device.vstate(now, lead), VState::Valid | VState::DueSoon);
+    let in_use = last_seen.is_some_and(|last| now - last <= IN_USE_WITHIN_MS);
+    let verified =
+        in_use && intact && matches!(device.vstate(now, lead), VState::Valid | VState::DueSoon);
     (in_use, verified)
 }
 

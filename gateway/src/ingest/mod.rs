@@ -242,6 +242,7 @@ impl Core {
             transitions: transitions.to_vec(),
             next_alert_id: changes.next_alert_id,
             published_up_to,
+            agents: changes.agents,
         };
         let backoff = Backoff {
             min: Duration::from_millis(100),

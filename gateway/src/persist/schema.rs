@@ -75,7 +75,7 @@ type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// The schema's history: version N is reached by applying the first N steps. Append only;
 /// never edit a step that has shipped.
-const MIGRATIONS: &[Migration] = &[v1_tables];
+const MIGRATIONS: &[Migration] = &[v1_tables, v2_liveness];
 
 /// The version [`migrate`] brings a database to.
 pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
@@ -104,6 +104,19 @@ fn v1_tables(conn: &Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Step 2: liveness survives a restart (decision 11): when each device's last reading
+/// arrived, and per agent whether it is down (last will) or silent, its event-time watermark
+/// and when it was last heard from.
+fn v2_liveness(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "ALTER TABLE device_state ADD COLUMN arrived INTEGER;
+         CREATE TABLE IF NOT EXISTS agent_state (
+             agent TEXT PRIMARY KEY, down INTEGER NOT NULL DEFAULT 0,
+             silent INTEGER NOT NULL DEFAULT 0, watermark INTEGER, heard INTEGER
+         );",
+    )
 }
 
 /// Brings the database to [`VERSION`], one transaction a step; a database newer than this

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{self, AuditEntry};
 use crate::alerts::OpenAlert;
+use crate::checks::liveness::AgentLiveness;
 use crate::checks::{DeviceState, SavedDevice};
 
 /// Errors of the state store.
@@ -48,6 +49,8 @@ pub(crate) struct Commit<'a> {
     pub next_alert_id: u64,
     /// Outbox entries at or below this were published; deleted in this commit.
     pub published_up_to: Option<i64>,
+    /// Agents whose liveness changed.
+    pub agents: Vec<(&'a Id, AgentLiveness)>,
 }
 
 impl StateStore {
@@ -83,9 +86,9 @@ impl StateStore {
 
     /// Every device's saved state.
     pub(crate) fn load_devices(&self) -> Result<Vec<(Id, SavedDevice)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device, state, gaps, readings, last_seq, last_ts FROM device_state")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT device, state, gaps, readings, last_seq, last_ts, arrived FROM device_state",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -94,11 +97,12 @@ impl StateStore {
                 r.get::<_, i64>(3)?,
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, Option<i64>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (device, state, gaps, readings, last_seq, last_ts) = row?;
+            let (device, state, gaps, readings, last_seq, last_ts, arrived) = row?;
             let Ok(id) = Id::new(device) else { continue };
             let mut state: DeviceState = serde_json::from_str(&state)?;
             // Rows written before the columns existed carry them in `state`.
@@ -114,8 +118,35 @@ impl StateStore {
                     state,
                     gaps: gaps.max(0) as u64,
                     readings: readings.max(0) as u64,
+                    arrived,
                 },
             ));
+        }
+        Ok(out)
+    }
+
+    /// Every agent's saved liveness.
+    pub(crate) fn load_agents(&self) -> Result<Vec<(Id, AgentLiveness)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT agent, down, silent, watermark, heard FROM agent_state")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                AgentLiveness {
+                    down: r.get::<_, i64>(1)? != 0,
+                    silent: r.get::<_, i64>(2)? != 0,
+                    watermark: r.get(3)?,
+                    heard: r.get(4)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (agent, saved) = row?;
+            if let Ok(id) = Id::new(agent) {
+                out.push((id, saved));
+            }
         }
         Ok(out)
     }
@@ -155,14 +186,14 @@ impl StateStore {
         let mut hashes = Vec::with_capacity(c.devices.len());
         {
             let mut put_state = tx.prepare_cached(
-                "INSERT INTO device_state (device, state, gaps, readings, last_seq, last_ts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO device_state (device, state, gaps, readings, last_seq, last_ts, arrived)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(device) DO UPDATE SET state = ?2, gaps = ?3, readings = ?4,
-                   last_seq = ?5, last_ts = ?6",
+                   last_seq = ?5, last_ts = ?6, arrived = ?7",
             )?;
             let mut put_hot = tx.prepare_cached(
-                "UPDATE device_state SET gaps = ?2, readings = ?3, last_seq = ?4, last_ts = ?5
-                 WHERE device = ?1",
+                "UPDATE device_state SET gaps = ?2, readings = ?3, last_seq = ?4, last_ts = ?5,
+                   arrived = ?6 WHERE device = ?1",
             )?;
             let mut json = Vec::with_capacity(2048);
             for (id, saved, known) in &c.devices {
@@ -174,7 +205,8 @@ impl StateStore {
                     saved.gaps as i64,
                     saved.readings as i64,
                     saved.state.last_seq as i64,
-                    saved.state.last_ts
+                    saved.state.last_ts,
+                    saved.arrived
                 ];
                 if h != *known || put_hot.execute(hot)? != 1 {
                     put_state.execute(params![
@@ -183,7 +215,8 @@ impl StateStore {
                         saved.gaps as i64,
                         saved.readings as i64,
                         saved.state.last_seq as i64,
-                        saved.state.last_ts
+                        saved.state.last_ts,
+                        saved.arrived
                     ])?;
                 }
                 hashes.push(h);
@@ -206,6 +239,19 @@ impl StateStore {
                     String::from_utf8_lossy(&a.encode()),
                     clear_since,
                     seq
+                ])?;
+            }
+            let mut put_agent = tx.prepare_cached(
+                "INSERT INTO agent_state (agent, down, silent, watermark, heard) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(agent) DO UPDATE SET down = ?2, silent = ?3, watermark = ?4, heard = ?5",
+            )?;
+            for (id, a) in &c.agents {
+                put_agent.execute(params![
+                    id.as_str(),
+                    i64::from(a.down),
+                    i64::from(a.silent),
+                    a.watermark,
+                    a.heard
                 ])?;
             }
             tx.execute(

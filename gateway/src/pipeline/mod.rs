@@ -25,6 +25,7 @@ use calwatch_protocol::{
 };
 
 use crate::alerts::AlertBook;
+use crate::checks::liveness::AgentLiveness;
 use crate::checks::{self, liveness, CheckConfig, SavedDevice, Verdict};
 use crate::domain::{Device, DeviceKind, Devices};
 use crate::metrics::Metrics;
@@ -149,6 +150,34 @@ pub(crate) struct AgentInfo {
     /// watermark is frozen, so the sweep does not judge its devices by it (which would clear
     /// the `offline` the last will raised); a reading clears it.
     pub(crate) down: bool,
+    /// Unheard on the wall clock for `offline_factor` status periods: its devices were taken
+    /// offline (decision 1); a batch or a status clears it.
+    pub(crate) silent: bool,
+    /// When it was last heard from (a batch or a status), by the gateway's clock.
+    pub(crate) heard: Option<i64>,
+    /// The devices its last status said it cannot poll, with their last good poll, and that
+    /// status's time (both by the agent's clock; decision 11).
+    pub(crate) failing: Vec<(Id, Option<i64>)>,
+    pub(crate) status_ts: i64,
+    /// Its liveness changed since the last commit.
+    pub(crate) dirty: bool,
+}
+
+impl AgentInfo {
+    /// Its liveness as saved.
+    pub(crate) fn liveness(&self) -> AgentLiveness {
+        AgentLiveness {
+            down: self.down,
+            silent: self.silent,
+            watermark: self.watermark,
+            heard: self.heard,
+        }
+    }
+
+    /// Online: heard from, and neither its last will nor its silence took its devices offline.
+    pub(crate) fn online(&self) -> bool {
+        self.heard.is_some() && !self.down && !self.silent
+    }
 }
 
 /// The pipeline over the registered devices and their check state (see the module
@@ -166,6 +195,11 @@ pub struct Pipeline {
     pub(crate) verdicts: Vec<Verdict>,
     /// Devices the console watches, with when they were last asked for.
     pub(crate) watched: VecDeque<(Id, Instant)>,
+    /// Agents whose liveness changed since the last commit, in that order.
+    pub(crate) dirty_agents: Vec<Id>,
+    /// When this pipeline started (wall clock): silence on the wall clock counts from here at
+    /// the earliest, so a restart is not mistaken for silence.
+    pub(crate) started: i64,
     /// Decodes batches without copying names; its buffers are reused batch after batch.
     decoder: BatchDecoder,
 }
@@ -239,7 +273,34 @@ impl Pipeline {
             agents,
             verdicts: Vec::new(),
             watched: VecDeque::new(),
+            dirty_agents: Vec::new(),
+            started: 0,
             decoder: BatchDecoder::new(),
+        }
+    }
+
+    /// Takes up the agents' liveness of the last run (decision 11: it survives a restart, so
+    /// the first sweep does not clear what a last will raised), and `started_ms` as the start
+    /// of wall-clock silence.
+    pub(crate) fn restore_agents(&mut self, saved: Vec<(Id, AgentLiveness)>, started_ms: i64) {
+        self.started = started_ms;
+        for (id, live) in saved {
+            if let Some(info) = self.agents.get_mut(&id) {
+                info.down = live.down;
+                info.silent = live.silent;
+                info.heard = live.heard;
+                if let Some(wm) = live.watermark {
+                    info.watermark = Some(info.watermark.map_or(wm, |w| w.max(wm)));
+                }
+            }
+        }
+    }
+
+    /// Marks an agent's liveness changed.
+    fn agent_changed(dirty_agents: &mut Vec<Id>, id: &Id, info: &mut AgentInfo) {
+        if !info.dirty {
+            info.dirty = true;
+            dirty_agents.push(id.clone());
         }
     }
 
@@ -258,14 +319,14 @@ impl Pipeline {
 
     /// Whether anything changed since the last commit.
     pub fn has_changes(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || !self.dirty_agents.is_empty()
     }
 
     /// Processes one MQTT message: a reading batch or an agent status. `now_ms` (wall clock)
     /// is the time of a last will.
     pub fn process(&mut self, topic: &str, payload: &[u8], now_ms: i64, out: &mut Output) {
         match Topic::parse(topic) {
-            Ok(Topic::Readings { agent }) => self.readings(&agent, payload, out),
+            Ok(Topic::Readings { agent }) => self.readings(&agent, payload, now_ms, out),
             Ok(Topic::Status { agent }) => self.status(&agent, payload, now_ms, out),
             _ => {
                 self.metrics.reject("bad_topic", 1);
@@ -274,7 +335,7 @@ impl Pipeline {
         }
     }
 
-    fn readings(&mut self, agent: &Id, payload: &[u8], out: &mut Output) {
+    fn readings(&mut self, agent: &Id, payload: &[u8], now_ms: i64, out: &mut Output) {
         let m = &self.metrics;
         m.messages.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -305,7 +366,6 @@ impl Pipeline {
             if i % TOUCH_AHEAD == 0 {
                 touched ^= touch(&self.states, &batch, i..i + TOUCH_AHEAD);
             }
-            newest = Some(newest.map_or(r.ts, |n| n.max(r.ts)));
             let mut slot = match self.states.get_mut(r.device) {
                 Some(slot) => slot,
                 None => {
@@ -363,6 +423,10 @@ impl Pipeline {
                 &mut self.verdicts,
             );
             saved.readings += 1;
+            saved.arrived = Some(now_ms);
+            // The watermark moves on accepted readings only: an unknown device's, another
+            // agent's or a duplicate's `ts` says nothing about this agent's devices.
+            newest = Some(newest.map_or(r.ts, |n| n.max(r.ts)));
             if let Some(ring) = recent {
                 if ring.len() >= RECENT_READINGS {
                     ring.pop_front();
@@ -388,9 +452,12 @@ impl Pipeline {
         std::hint::black_box(touched);
         if let Some(info) = self.agents.get_mut(agent) {
             info.down = false;
+            info.silent = false;
+            info.heard = Some(now_ms);
             if let Some(ts) = newest {
                 info.watermark = Some(info.watermark.map_or(ts, |w| w.max(ts)));
             }
+            Self::agent_changed(&mut self.dirty_agents, agent, info);
         }
         let checked: u64 = kinds.iter().sum();
         m.readings_checked.fetch_add(checked, Ordering::Relaxed);
@@ -437,12 +504,14 @@ impl Pipeline {
             self.metrics.reject("agent_mismatch", 1);
             return;
         }
-        if status.state != AgentState::Offline {
-            return;
-        }
         let Some(info) = self.agents.get_mut(agent) else {
             return;
         };
+        Self::agent_changed(&mut self.dirty_agents, agent, info);
+        if status.state != AgentState::Offline {
+            self.online_status(agent, &status, now_ms, out);
+            return;
+        }
         info.down = true;
         let mut verdicts = Vec::with_capacity(1);
         let mut marked = 0;
@@ -473,6 +542,61 @@ impl Pipeline {
         tracing::info!(%agent, devices = marked, "agent offline (last will or stop): its devices are offline");
     }
 
+    /// An online status (at least once a minute, decision 11): the agent is heard from, and
+    /// the devices it says it cannot poll are judged at once.
+    fn online_status(&mut self, agent: &Id, status: &AgentStatus, now_ms: i64, out: &mut Output) {
+        let Some(info) = self.agents.get_mut(agent) else {
+            return;
+        };
+        info.down = false;
+        info.silent = false;
+        info.heard = Some(now_ms);
+        info.status_ts = status.ts;
+        info.failing = status
+            .health
+            .iter()
+            .filter(|(_, h)| h.consecutive_failures > 0)
+            .map(|(id, h)| (id.clone(), h.last_ok))
+            .collect();
+        let failing: Vec<Id> = info.failing.iter().map(|(id, _)| id.clone()).collect();
+        for id in failing {
+            self.judge_liveness(&id, now_ms, out);
+        }
+    }
+
+    /// Judges the liveness of a device whose agent is online (see [`liveness::judge`]);
+    /// returns whether its state changed. Devices of an agent that is down or silent keep the
+    /// `offline` that took them down until a reading of theirs comes.
+    pub(crate) fn judge_liveness(&mut self, id: &Id, now_ms: i64, out: &mut Output) -> bool {
+        let Some(slot) = self.states.get_mut(id.as_str()) else {
+            return false;
+        };
+        let Some(agent) = self.agents.get(&slot.device.agent).filter(|a| a.online()) else {
+            return false;
+        };
+        let signals = sweep::signals(
+            agent,
+            &slot.device,
+            &self.cfg,
+            slot.saved.arrived,
+            now_ms,
+            self.started,
+        );
+        let device: &Device = &slot.device;
+        let Some((v, at)) = liveness::judge(device, &mut slot.saved.state, &signals, &self.cfg)
+        else {
+            return false;
+        };
+        let first = out.events.len();
+        self.book.apply(device, &v, at, &mut out.events);
+        out.alert_points(first, &self.metrics);
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(id.clone());
+        }
+        true
+    }
+
     /// What changed since the last commit, for the caller to make durable: the changed
     /// devices (with the hash of the state last stored for each) and the changed alerts
     /// (the newest version of each, with its clear-since time).
@@ -497,9 +621,16 @@ impl Pipeline {
             .filter_map(|id| self.states.get_key_value(id.as_str()))
             .map(|(id, slot)| (id, &slot.saved, slot.stored_hash))
             .collect();
+        let agents = self
+            .dirty_agents
+            .iter()
+            .filter_map(|id| self.agents.get_key_value(id))
+            .map(|(id, a)| (id, a.liveness()))
+            .collect();
         Changes {
             devices,
             alerts,
+            agents,
             next_alert_id: self.book.next_id(),
         }
     }
@@ -507,6 +638,11 @@ impl Pipeline {
     /// The last [`Pipeline::changes`] are durable; `hashes` are the stored states' hashes, in
     /// the order of their devices.
     pub fn committed(&mut self, hashes: &[u64]) {
+        for id in self.dirty_agents.drain(..) {
+            if let Some(a) = self.agents.get_mut(&id) {
+                a.dirty = false;
+            }
+        }
         let mut hashes = hashes.iter();
         for id in self.dirty.drain(..) {
             if let Some(slot) = self.states.get_mut(id.as_str()) {
@@ -523,6 +659,8 @@ pub struct Changes<'a> {
     pub devices: Vec<(&'a Id, &'a SavedDevice, u64)>,
     /// Alert versions to store, with their clear-since time.
     pub alerts: Vec<(AlertEvent, Option<i64>)>,
+    /// Agents whose liveness changed.
+    pub(crate) agents: Vec<(&'a Id, AgentLiveness)>,
     pub next_alert_id: u64,
 }
 

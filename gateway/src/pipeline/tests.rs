@@ -180,3 +180,268 @@ fn an_agents_last_will_takes_its_devices_offline() {
     // The other agent's device is untouched.
     assert!(p.alerts().get(&id("S-2"), AlertKind::Offline).is_none());
 }
+
+// Liveness and use (issue #16 items 1, 2, 6 and 9; decisions 1, 11, 15).
+
+use calwatch_protocol::{AlertState, DeviceHealth, Severity};
+
+use crate::checks::liveness::AgentLiveness;
+
+/// A batch of one reading of `device` with `ts`, `seq` and an event counter.
+fn one(agent: &str, device: &str, seq: u64, ts: i64, counter: f64) -> (String, Vec<u8>) {
+    let b = ReadingBatch {
+        agent: id(agent),
+        sent: ts,
+        readings: vec![Reading {
+            device: id(device),
+            seq,
+            ts,
+            values: vec![
+                (id("gross_kg"), Value::Number(2.5)),
+                (id("stable"), Value::Bool(true)),
+                (id("event_counter"), Value::Number(counter)),
+            ],
+        }],
+    };
+    (readings_topic(&id(agent)), b.encode().unwrap())
+}
+
+fn online(agent: &str, ts: i64, failing: &[(&str, Option<i64>)]) -> (String, Vec<u8>) {
+    let s = AgentStatus {
+        agent: id(agent),
+        state: AgentState::Online,
+        version: "test".into(),
+        devices: 1,
+        spool_bytes: 0,
+        ts,
+        device_info: BTreeMap::new(),
+        health: failing
+            .iter()
+            .map(|(d, last_ok)| {
+                (
+                    id(d),
+                    DeviceHealth {
+                        last_ok: *last_ok,
+                        consecutive_failures: 5,
+                    },
+                )
+            })
+            .collect(),
+        spool: None,
+    };
+    (status_topic(&id(agent)), s.encode())
+}
+
+fn offline_events(out: &Output) -> Vec<&calwatch_protocol::AlertEvent> {
+    out.events
+        .iter()
+        .filter(|e| e.kind == AlertKind::Offline)
+        .collect()
+}
+
+#[test]
+fn a_device_the_agent_cannot_poll_goes_offline_though_its_agent_is_live() {
+    // One scale behind agent-a; its cable is pulled after the reading at T0 + 60 s. The
+    // watermark never moves past the device's last reading (it is the agent's only device),
+    // so the watermark rule alone never took it offline.
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let (t, b) = one("agent-a", "S-1", 1, T0 + 60_000, 7.0);
+    p.process(&t, &b, T0 + 60_000, &mut out);
+    out.clear();
+    // Statuses every minute naming S-1 failing since its last good poll.
+    for minute in 2..=3 {
+        let now = T0 + minute * 60_000;
+        let (t, b) = online("agent-a", now, &[("S-1", Some(T0 + 60_000))]);
+        p.process(&t, &b, now, &mut out);
+        p.sweep(now, &mut out);
+    }
+    assert!(
+        offline_events(&out).is_empty(),
+        "2 min < 3 × 60 s: {:?}",
+        out.events
+    );
+    let now = T0 + 4 * 60_000;
+    let (t, b) = online("agent-a", now, &[("S-1", Some(T0 + 60_000))]);
+    p.process(&t, &b, now, &mut out);
+    let raised = offline_events(&out);
+    assert_eq!(raised.len(), 1, "{:?}", out.events);
+    assert_eq!(raised[0].evidence["cause"], "poll_failing");
+    // The sweep after it holds the alert: no rule clears what another holds.
+    out.clear();
+    p.sweep(now + 30_000, &mut out);
+    assert!(offline_events(&out).is_empty(), "{:?}", out.events);
+    // A reading of the device clears it.
+    let (t, b) = one("agent-a", "S-1", 2, now + 40_000, 7.0);
+    p.process(&t, &b, now + 40_000, &mut out);
+    assert!(offline_events(&out)
+        .iter()
+        .all(|e| e.state != AlertState::Active || e.updated < now + 40_000));
+}
+
+#[test]
+fn silence_on_the_wall_clock_while_the_agent_is_online_is_offline() {
+    // The agent keeps sending statuses without naming the device (a whole bus gone, say):
+    // nothing arrives for S-1 for 3 status periods.
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let (t, b) = one("agent-a", "S-1", 1, T0, 7.0);
+    p.process(&t, &b, T0, &mut out);
+    out.clear();
+    for minute in 1..=3 {
+        let now = T0 + minute * 60_000;
+        let (t, b) = online("agent-a", now, &[]);
+        p.process(&t, &b, now, &mut out);
+        p.sweep(now - 1, &mut out);
+    }
+    assert!(offline_events(&out).is_empty(), "{:?}", out.events);
+    p.sweep(T0 + 180_000, &mut out);
+    let raised = offline_events(&out);
+    assert_eq!(raised.len(), 1, "{:?}", out.events);
+    assert_eq!(raised[0].evidence["cause"], "wall_clock_silence");
+    assert_eq!(raised[0].raised, T0 + 180_000);
+}
+
+#[test]
+fn an_agent_silent_on_the_wall_clock_takes_its_devices_offline_once() {
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let (t, b) = one("agent-a", "S-1", 1, T0, 7.0);
+    p.process(&t, &b, T0, &mut out);
+    out.clear();
+    p.sweep(T0 + 179_999, &mut out);
+    assert!(offline_events(&out).is_empty());
+    p.sweep(T0 + 180_000, &mut out);
+    p.sweep(T0 + 240_000, &mut out);
+    let raised = offline_events(&out);
+    assert_eq!(raised.len(), 1, "{:?}", out.events);
+    assert_eq!(raised[0].evidence["cause"], "silent");
+    assert!(p.agents.get("agent-a").unwrap().silent);
+    // agent-b was never heard from: not judged.
+    assert!(p.alerts().get(&id("S-2"), AlertKind::Offline).is_none());
+}
+
+#[test]
+fn a_restart_keeps_an_agents_last_will_and_resolves_nothing() {
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let (t, b) = one("agent-a", "S-1", 1, T0, 7.0);
+    p.process(&t, &b, T0, &mut out);
+    let will = AgentStatus {
+        agent: id("agent-a"),
+        state: AgentState::Offline,
+        version: "test".into(),
+        devices: 1,
+        spool_bytes: 0,
+        ts: T0 + 1_000,
+        device_info: BTreeMap::new(),
+        health: BTreeMap::new(),
+        spool: None,
+    };
+    p.process(
+        &status_topic(&id("agent-a")),
+        &will.encode(),
+        T0 + 1_000,
+        &mut out,
+    );
+    assert!(p.alerts().get(&id("S-1"), AlertKind::Offline).is_some());
+    // What a commit saves, then a new pipeline from it, as at a gateway start.
+    let changes = p.changes();
+    let agents: Vec<(Id, AgentLiveness)> = changes
+        .agents
+        .iter()
+        .map(|(id, a)| ((*id).clone(), *a))
+        .collect();
+    assert!(agents
+        .iter()
+        .any(|(a, l)| a.as_str() == "agent-a" && l.down));
+    let saved: Vec<(Id, SavedDevice)> = changes
+        .devices
+        .iter()
+        .map(|(id, s, _)| ((*id).clone(), (*s).clone()))
+        .collect();
+    let open: Vec<_> = p.alerts().open().cloned().collect();
+    let mut q = Pipeline::new(
+        p.devices().clone(),
+        saved,
+        AlertBook::new(600_000, p.alerts().next_id(), open),
+        CheckConfig::default(),
+        Arc::new(Metrics::new(Vec::new())),
+    );
+    let restart = T0 + 3_600_000;
+    q.restore_agents(agents, restart);
+    let mut out = Output::default();
+    // Sweeps well past the hold time: the alert stays.
+    for k in 0..30 {
+        q.sweep(restart + k * 60_000, &mut out);
+    }
+    assert!(
+        out.events
+            .iter()
+            .all(|e| !(e.kind == AlertKind::Offline && e.state == AlertState::Resolved)),
+        "{:?}",
+        out.events
+    );
+    assert!(q.alerts().get(&id("S-1"), AlertKind::Offline).is_some());
+}
+
+#[test]
+fn a_lagging_agent_clock_cannot_hide_an_overdue_instrument_in_use() {
+    // S-1's certificate ends at T0 + 300 days; the agent's clock is 2 h behind.
+    let until = T0 + 300 * DAY;
+    let lag = 2 * 3_600_000;
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let mut seq = 0;
+    let mut critical = 0;
+    let mut cleared = 0;
+    for minute in 0..240 {
+        let now = until - 3_600_000 + minute * 60_000;
+        seq += 1;
+        let (t, b) = one("agent-a", "S-1", seq, now - lag, 7.0);
+        p.process(&t, &b, now, &mut out);
+        if minute % 5 == 0 {
+            p.sweep(now, &mut out);
+        }
+        for e in out.events.drain(..) {
+            if e.kind == AlertKind::Overdue {
+                if e.severity == Severity::Critical && e.state == AlertState::Active {
+                    critical += 1;
+                }
+                if e.state == AlertState::Resolved {
+                    cleared += 1;
+                }
+            }
+        }
+        out.lines.clear();
+    }
+    assert!(critical >= 1, "overdue in use never became critical");
+    assert_eq!(cleared, 0, "readings stamped earlier cleared it");
+    let open = p.alerts().get(&id("S-1"), AlertKind::Overdue).unwrap();
+    assert_eq!(open.event.severity, Severity::Critical);
+    // ... and it counts as in use (coverage), though its last `ts` is behind.
+    let rows = p.coverage(super::views::CoverageBy::Owner, None, until + 3 * 3_600_000);
+    assert_eq!((rows[0].in_use, rows[0].verified), (1, 0));
+}
+
+#[test]
+fn a_broken_seal_voids_the_verification_in_coverage() {
+    let mut p = pipeline();
+    let mut out = Output::default();
+    for (seq, counter) in [(1, 7.0), (2, 8.0)] {
+        let (t, b) = one("agent-a", "S-1", seq, T0 + seq as i64 * 60_000, counter);
+        p.process(&t, &b, T0, &mut out);
+    }
+    assert!(p.alerts().get(&id("S-1"), AlertKind::SealBroken).is_some());
+    let rows = p.coverage(super::views::CoverageBy::Owner, None, T0 + 600_000);
+    assert_eq!((rows[0].in_use, rows[0].verified), (1, 0), "{rows:?}");
+    out.clear();
+    p.sweep(T0 + 600_000, &mut out);
+    assert!(
+        out.lines
+            .as_str()
+            .contains("coverage,owner=market-3,site=stall-12,kind=scale in_use=1i,verified=0i"),
+        "{}",
+        out.lines.as_str()
+    );
+}

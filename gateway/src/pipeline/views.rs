@@ -227,7 +227,9 @@ impl Pipeline {
                 CoverageBy::Site => d.site.as_str(),
                 CoverageBy::Kind => d.kind.as_str(),
             };
-            let (in_use, verified) = in_use_verified(d, slot.saved.state.last_ts, now, lead);
+            let last_seen = slot.saved.state.last_ts.max(slot.saved.arrived);
+            let (in_use, verified) =
+                in_use_verified(d, last_seen, checks::intact(&slot.saved.state), now, lead);
             let g = groups.entry(key).or_default();
             g.0 += 1;
             g.1 += u64::from(in_use);
