@@ -108,6 +108,7 @@ mod tests {
             len,
             unit: None,
             omit_when: None,
+            wrap: None,
         }
     }
 

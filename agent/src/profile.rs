@@ -93,6 +93,7 @@ struct RawValue {
     registers: Option<u16>,
     unit: Option<String>,
     omit_when: Option<f64>,
+    wrap: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -118,6 +119,10 @@ pub struct ValueDef {
     /// A decoded value equal to this is left out of the reading: registers that hold a
     /// placeholder when there is nothing to report (e.g. no check weight on the pan).
     pub omit_when: Option<f64>,
+    /// The modulus at which a cumulative register wraps to zero (a 6-digit kWh display
+    /// register: 1000000): going from near it to a small value is no rollback (DESIGN
+    /// decision 17).
+    pub wrap: Option<f64>,
 }
 
 impl ValueDef {
@@ -126,6 +131,9 @@ impl ValueDef {
         self.ty == ValueType::String
     }
 }
+
+/// The cumulative registers whose `wrap` the agent reports (CONTRACT §1 well-known names).
+pub const WRAPPING_REGISTERS: [&str; 2] = ["energy_kwh", "totalizer_l"];
 
 /// A register map of one instrument model.
 #[derive(Clone, Debug, PartialEq)]
@@ -136,6 +144,17 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// The modulus the device's energy or totalizer register wraps at (its `wrap`), reported
+    /// in the agent's status for the gateway's rollback check.
+    pub fn wrap(&self) -> Option<f64> {
+        WRAPPING_REGISTERS.iter().find_map(|name| {
+            self.values
+                .iter()
+                .find(|v| v.name.as_str() == *name)
+                .and_then(|v| v.wrap)
+        })
+    }
+
     /// Loads and validates a profile file.
     pub fn load(path: &Path) -> Result<Profile, ConfigError> {
         let (raw, text): (RawProfile, String) = tomlfile::load(path)?;
@@ -216,6 +235,18 @@ impl Profile {
                     "value {name}: scale must be finite and non-zero, offset finite"
                 )));
             }
+            if let Some(m) = v.wrap {
+                if matches!(v.ty, ValueType::Bool | ValueType::Bit | ValueType::String) {
+                    return Err(err(format!(
+                        "value {name}: wrap only applies to numeric types"
+                    )));
+                }
+                if !(m.is_finite() && m > 0.0) {
+                    return Err(err(format!(
+                        "value {name}: wrap must be a positive number (the modulus), not {m}"
+                    )));
+                }
+            }
             if v.address + u32::from(len) > 65_536 {
                 return Err(err(format!(
                     "value {name}: address {} + {len} registers is beyond 65535",
@@ -235,6 +266,7 @@ impl Profile {
                 len,
                 unit: v.unit,
                 omit_when: v.omit_when,
+                wrap: v.wrap,
             };
             if let Some((other, _)) = values.iter().find(|(o, _)| o.name == def.name) {
                 return Err(err(format!("value {}: name used twice", other.name)));
@@ -472,6 +504,7 @@ mod tests {
             len,
             unit: None,
             omit_when: None,
+            wrap: None,
         }
     }
 
@@ -632,6 +665,33 @@ bit = 1
             assert!(err.to_string().contains(why), "{bad}: {err}");
             assert!(err.line.is_some(), "{err}");
         }
+    }
+
+    #[test]
+    fn wrap_is_the_modulus_of_a_numeric_register() {
+        let meter = |extra: &str| {
+            format!(
+                "kind = \"energy_meter\"\nmodel = \"m\"\n[[value]]\nname = \"energy_kwh\"\ntable = \"holding\"\naddress = 0\ntype = \"u32\"\nscale = 0.1\n{extra}"
+            )
+        };
+        let p = Profile::parse(Path::new("p.toml"), &meter("wrap = 1000000\n")).unwrap();
+        assert_eq!(p.values[0].wrap, Some(1_000_000.0));
+        assert_eq!(p.wrap(), Some(1_000_000.0));
+        let p = Profile::parse(Path::new("p.toml"), &meter("")).unwrap();
+        assert_eq!(p.wrap(), None);
+        for (bad, why) in [
+            ("wrap = 0", "positive number"),
+            ("wrap = -10.0", "positive number"),
+            ("wrap = \"big\"", "expected f64"),
+        ] {
+            let text = meter(&format!("{bad}\n"));
+            let err = Profile::parse(Path::new("p.toml"), &text).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+            assert!(err.line.is_some(), "{err}");
+        }
+        let text = format!("{SCALE}wrap = 2\n");
+        let err = Profile::parse(Path::new("p.toml"), &text).unwrap_err();
+        assert!(err.to_string().contains("numeric types"), "{err}");
     }
 
     fn line_of_str(text: &str, needle: &str) -> usize {

@@ -141,8 +141,9 @@ impl Publisher {
     }
 
     /// The status payload, at most [`STATUS_MAX_BYTES`]: an agent with thousands of devices
-    /// cannot list them all, so per-device health lists failing devices first, then the
-    /// rest, and identity data fills what room is left. The last will carries no lists.
+    /// cannot list them all, so per-device health lists failing devices (and those refusing
+    /// some values) first, then the rest, and identity data fills what room is left. The
+    /// last will carries no lists.
     fn status(&self, shared: &Shared, state: AgentState) -> Vec<u8> {
         self.status_with(shared, state, true)
     }
@@ -177,9 +178,14 @@ impl Publisher {
         let (failing, healthy): (Vec<_>, Vec<_>) = h
             .health
             .iter()
-            .partition(|(_, d)| d.consecutive_failures > 0);
+            .partition(|(_, d)| d.consecutive_failures > 0 || !d.failing_values.is_empty());
         for (id, d) in failing.into_iter().chain(healthy) {
-            let cost = id.as_str().len() + 60;
+            let cost = id.as_str().len()
+                + 60
+                + d.failing_values
+                    .iter()
+                    .map(|v| v.as_str().len() + 3)
+                    .sum::<usize>();
             if cost > budget {
                 break;
             }
@@ -190,7 +196,8 @@ impl Publisher {
             let cost = id.as_str().len()
                 + 30
                 + info.model.as_ref().map_or(0, |m| m.len() + 10)
-                + info.serial.as_ref().map_or(0, |s| s.len() + 11);
+                + info.serial.as_ref().map_or(0, |s| s.len() + 11)
+                + info.wrap.map_or(0, |_| 32);
             if cost > budget {
                 break;
             }

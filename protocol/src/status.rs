@@ -8,8 +8,10 @@
 //!  "health":{"HS-DSP-0042":{"last_ok":1764421199870,"consecutive_failures":0}}}
 //! ```
 //!
-//! `device_info` (identity strings read from the device, CONTRACT §5) and `health` (polling
-//! health per device) are omitted when empty and default to empty. Decoding follows the same
+//! `device_info` (identity strings read from the device, CONTRACT §5, and the `wrap` modulus
+//! of its energy or totalizer register) and `health` (polling health per device, with the
+//! `failing_values` the device refuses) are omitted when empty and default to empty; so are
+//! `wrap` and `failing_values`. Decoding follows the same
 //! rules and reasons as reading batches; unknown fields are ignored (forward compatibility
 //! within v1).
 
@@ -41,16 +43,26 @@ pub struct DeviceInfo {
     /// Serial number read from the device, if its profile has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The modulus at which the device's energy (or totalizer) register wraps to zero, as its
+    /// profile declares (`wrap`, DESIGN decision 17): going from near it to a small value is
+    /// not a rollback. Additive within v1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrap: Option<f64>,
 }
 
 /// How polling a device is going, so a broken link is told apart from a silent device.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct DeviceHealth {
     /// Last successful poll, Unix epoch milliseconds; `null` if none since the agent started.
     #[serde(default)]
     pub last_ok: Option<i64>,
     /// Failed polls since the last successful one.
     pub consecutive_failures: u64,
+    /// Values the device refused at their last poll (a Modbus exception answer), by name,
+    /// sorted: they are missing from its readings (or identity data) while the rest is
+    /// published. Omitted when empty (additive within v1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing_values: Vec<Id>,
 }
 
 /// The state of the agent's disk spool: what is waiting and what its full-policy did.
@@ -99,7 +111,7 @@ impl AgentStatus {
 
     /// The JSON payload, with `"v":1` first.
     pub fn encode(&self) -> Vec<u8> {
-        // Cannot fail: string keys, no floats, writing to memory.
+        // Cannot fail: string keys, writing to memory (a non-finite `wrap` would be `null`).
         serde_json::to_vec(self).expect("an AgentStatus always serializes")
     }
 }
@@ -237,6 +249,7 @@ mod tests {
             DeviceInfo {
                 model: Some("Tokheim Quantium".into()),
                 serial: None,
+                wrap: None,
             },
         );
         s.health.insert(
@@ -244,6 +257,7 @@ mod tests {
             DeviceHealth {
                 last_ok: Some(1_764_421_199_870),
                 consecutive_failures: 0,
+                failing_values: Vec::new(),
             },
         );
         s.health.insert(
@@ -251,6 +265,7 @@ mod tests {
             DeviceHealth {
                 last_ok: None,
                 consecutive_failures: 7,
+                failing_values: Vec::new(),
             },
         );
         let json = String::from_utf8(s.encode()).unwrap();
@@ -264,6 +279,56 @@ mod tests {
             "{json}"
         );
         assert_eq!(AgentStatus::decode(json.as_bytes()).unwrap(), s);
+    }
+
+    #[test]
+    fn failing_values_and_wrap_are_additive() {
+        let mut s = minimal();
+        s.health.insert(
+            id("SDM-1"),
+            DeviceHealth {
+                last_ok: Some(1_764_421_199_870),
+                consecutive_failures: 0,
+                failing_values: vec![id("serial"), id("serial_number")],
+            },
+        );
+        s.device_info.insert(
+            id("SDM-1"),
+            DeviceInfo {
+                model: Some("Eastron SDM630".into()),
+                serial: None,
+                wrap: Some(1_000_000.0),
+            },
+        );
+        let json = String::from_utf8(s.encode()).unwrap();
+        assert!(
+            json.contains(r#""SDM-1":{"last_ok":1764421199870,"consecutive_failures":0,"failing_values":["serial","serial_number"]}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""SDM-1":{"model":"Eastron SDM630","wrap":1000000.0}"#),
+            "{json}"
+        );
+        assert_eq!(AgentStatus::decode(json.as_bytes()).unwrap(), s);
+        // What older agents send still decodes: both absent, both empty.
+        let old = r#"{"v":1,"agent":"a","state":"online","version":"x","devices":1,
+            "spool_bytes":0,"ts":0,"device_info":{"d":{"model":"m","serial":"s"}},
+            "health":{"d":{"last_ok":null,"consecutive_failures":3}}}"#;
+        let s = AgentStatus::decode(old.as_bytes()).unwrap();
+        assert_eq!(s.device_info[&id("d")].wrap, None);
+        assert_eq!(s.health[&id("d")].failing_values, Vec::<Id>::new());
+        assert_eq!(s.health[&id("d")].consecutive_failures, 3);
+        // An entry without failing values is as it was on the wire.
+        let json = String::from_utf8(s.encode()).unwrap();
+        assert!(
+            json.contains(r#""d":{"last_ok":null,"consecutive_failures":3}"#),
+            "{json}"
+        );
+        // A failing value name is an id like every other.
+        let bad = r#"{"v":1,"agent":"a","state":"online","version":"x","devices":1,
+            "spool_bytes":0,"ts":0,"health":{"d":{"consecutive_failures":0,"failing_values":["a b"]}}}"#;
+        let e = AgentStatus::decode(bad.as_bytes()).unwrap_err();
+        assert_eq!(e.reason, RejectReason::InvalidId, "{e}");
     }
 
     #[test]

@@ -80,12 +80,17 @@ fn status() -> impl Strategy<Value = AgentStatus> {
             (
                 proptest::option::of(".{0,8}"),
                 proptest::option::of(".{0,8}"),
+                proptest::option::of(finite_f64()),
             ),
             0..3,
         ),
         proptest::collection::btree_map(
             id(),
-            (proptest::option::of(any::<i64>()), any::<u64>()),
+            (
+                proptest::option::of(any::<i64>()),
+                any::<u64>(),
+                proptest::collection::vec(id(), 0..3),
+            ),
             0..3,
         ),
     )
@@ -103,16 +108,26 @@ fn status() -> impl Strategy<Value = AgentStatus> {
                 ts,
                 device_info: info
                     .into_iter()
-                    .map(|(k, (model, serial))| (k, DeviceInfo { model, serial }))
+                    .map(|(k, (model, serial, wrap))| {
+                        (
+                            k,
+                            DeviceInfo {
+                                model,
+                                serial,
+                                wrap,
+                            },
+                        )
+                    })
                     .collect(),
                 health: health
                     .into_iter()
-                    .map(|(k, (last_ok, consecutive_failures))| {
+                    .map(|(k, (last_ok, consecutive_failures, failing_values))| {
                         (
                             k,
                             DeviceHealth {
                                 last_ok,
                                 consecutive_failures,
+                                failing_values,
                             },
                         )
                     })
