@@ -11,7 +11,7 @@ use calwatch_agent::plan::RequestPlan;
 use calwatch_agent::poll::decode_results;
 use calwatch_agent::profile::{Profile, ValueDef};
 use calwatch_gateway::bench::{
-    certificate_from_json, device_from_json, parse_device_rows, parse_verification_rows,
+    certificate_from_json, device_from_json, parse_device_rows, parse_verification_rows, Zone,
 };
 use calwatch_gateway::config::GatewayConfig;
 use calwatch_protocol::{assert_decoders_agree, AgentStatus, AlertEvent, ReadingBatch};
@@ -57,6 +57,18 @@ pub(crate) fn payloads(data: &[u8]) {
     }
 }
 
+/// The zones certificate dates are read in by the targets: the default, and one with
+/// daylight saving time (days of 23 and 25 hours).
+fn zones() -> &'static [Zone; 2] {
+    static ZONES: OnceLock<[Zone; 2]> = OnceLock::new();
+    ZONES.get_or_init(|| {
+        [
+            Zone::utc(),
+            Zone::named("Europe/Berlin").expect("a bundled zone"),
+        ]
+    })
+}
+
 /// CSV import rows (`devices.csv`, `verifications.csv`) as the API and the CLI parse them:
 /// never a panic, and a refusal always names the file.
 pub(crate) fn csv_rows(data: &[u8]) {
@@ -64,9 +76,11 @@ pub(crate) fn csv_rows(data: &[u8]) {
         return;
     };
     let file = Path::new("fuzz.csv");
+    let [utc, dst] = zones();
     for result in [
         parse_device_rows(file, text).map(|r| r.len()),
-        parse_verification_rows(file, text).map(|r| r.len()),
+        parse_verification_rows(file, text, utc).map(|r| r.len()),
+        parse_verification_rows(file, text, dst).map(|r| r.len()),
     ] {
         if let Err(e) = result {
             assert!(e.to_string().starts_with("fuzz.csv"), "{e}");
@@ -191,7 +205,9 @@ pub(crate) fn api_json(data: &[u8]) {
         assert!(e.to_string().starts_with("request body"), "{e}");
     }
     let device = obj.get("id").and_then(|v| v.as_str()).unwrap_or("D-1");
-    if let Err(e) = certificate_from_json(source, device, &obj) {
-        assert!(e.to_string().starts_with("request body"), "{e}");
+    for zone in zones() {
+        if let Err(e) = certificate_from_json(source, device, &obj, zone) {
+            assert!(e.to_string().starts_with("request body"), "{e}");
+        }
     }
 }

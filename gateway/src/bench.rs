@@ -3,7 +3,7 @@
 
 pub use crate::alerts::AlertBook;
 pub use crate::checks::{CheckConfig, DeviceState, DriftSources, Presence, SavedDevice};
-pub use crate::domain::civil::format_date;
+pub use crate::domain::civil::{format_date, Zone};
 pub use crate::domain::input::{
     certificate_from_json, device_from_json, parse_device_rows, parse_verification_rows,
 };

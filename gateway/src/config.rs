@@ -577,6 +577,73 @@ mod tests {
         assert!(err.to_string().contains("sink name"), "{err}");
     }
 
+    /// The keys of issue #16 items 3, 7, 8: parsed, defaulted, validated at `file:line`.
+    #[test]
+    fn dispenser_zero_and_hysteresis_keys() {
+        let c = parse(&format!(
+            "{BASE}[checks]
+min_sale_l = 0.5
+zero_return_band_e = 5.0
+[checks.drift]
+release_r = 0.1
+"
+        ))
+        .unwrap();
+        assert_eq!(c.checks.min_sale_l, 0.5);
+        assert_eq!(c.checks.zero_return_band_e, 5.0);
+        assert_eq!(c.checks.drift.release_r, 0.1);
+        let d = CheckConfig::default();
+        assert_eq!(
+            (d.min_sale_l, d.zero_return_band_e, d.drift.release_r),
+            (2.0, 10.0, 0.15)
+        );
+        // release_r must stay below min_r
+        let err = parse(&format!(
+            "{BASE}[checks.drift]
+release_r = 0.3
+"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("drift.release_r"), "{err}");
+        assert_eq!(err.line, Some(7), "{err}");
+        let err = parse(&format!(
+            "{BASE}[checks]
+min_sale_l = -1.0
+"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("min_sale_l"), "{err}");
+    }
+
+    #[test]
+    fn checks_timezone() {
+        let c = parse(&format!("{BASE}[checks]\ntimezone = \"Asia/Shanghai\"\n")).unwrap();
+        assert_eq!(c.checks.timezone.name(), "Asia/Shanghai");
+        assert_eq!(
+            c.checks.timezone,
+            crate::domain::civil::Zone::named("Asia/Shanghai").unwrap()
+        );
+        // absent: UTC (DESIGN decision 18)
+        assert_eq!(parse(BASE).unwrap().checks.timezone.name(), "UTC");
+        let err = parse(&format!(
+            "{BASE}[checks]\ncheat_sales = 3\ntimezone = \"Asia/Shangai\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, Some(9), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/calwatch/gateway.toml:9: "),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("unknown time zone \"Asia/Shangai\""),
+            "{err}"
+        );
+        let err = parse(&format!("{BASE}[checks]\ntimezone = 8\n")).unwrap_err();
+        assert_eq!(err.line, Some(8), "{err}");
+    }
+
     #[test]
     fn sink_errors_name_the_line() {
         let text = format!("{BASE}\n[[sink]]\nkind = \"influx_v1\"\nurl = \"http://x\"\n");

@@ -84,8 +84,10 @@ fn free_port() -> Result<SocketAddr, DemoError> {
         .map_err(|e| DemoError::Setup(format!("no free port: {e}")))
 }
 
-/// The city's certificates with every date moved by `days`.
+/// The city's certificates with every date moved by `days` (calendar days: a date stays a
+/// date, whatever zone it is later read in).
 pub fn shift_certificates(csv_text: &str, days: i64) -> Result<String, DemoError> {
+    let utc = crate::domain::civil::Zone::utc();
     let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
     let headers = reader.headers().map_err(setup)?.clone();
     let mut writer = csv::Writer::from_writer(Vec::new());
@@ -97,7 +99,7 @@ pub fn shift_certificates(csv_text: &str, days: i64) -> Result<String, DemoError
             if (name == "verified_at" || name == "valid_until") && !row[i].is_empty() {
                 let at = crate::domain::civil::parse_iso8601(&row[i])
                     .map_err(setup)?
-                    .start_ms();
+                    .start_ms(&utc);
                 row[i] = crate::domain::civil::format_date(at + days * DAY_MS);
             }
         }
@@ -170,8 +172,14 @@ pub async fn run(opts: DemoOptions, shutdown: watch::Receiver<bool>) -> Result<(
             let certs = shift_certificates(VERIFICATIONS_CSV, days_since_registry())?;
             reg.import_devices(Path::new("city-devices.csv"), DEVICES_CSV, "demo")
                 .map_err(setup)?;
-            reg.import_verifications(Path::new("city-verifications.csv"), &certs, "demo")
-                .map_err(setup)?;
+            // The demo's gateway.toml (below) sets no `[checks] timezone`: UTC days.
+            reg.import_verifications(
+                Path::new("city-verifications.csv"),
+                &certs,
+                "demo",
+                &crate::domain::civil::Zone::default(),
+            )
+            .map_err(setup)?;
         }
         let name = format!("demo-supervisor-{}", crate::domain::now_ms());
         crate::persist::tokens::create(

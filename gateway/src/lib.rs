@@ -144,6 +144,7 @@ impl Gateway {
             stall_after: cfg.ingest.stall_after,
             streams: Default::default(),
             refusals: Default::default(),
+            zone: cfg.checks.timezone.clone(),
         });
         let server = api::serve(&cfg.http, api_state).await?;
         tracing::info!(

@@ -121,6 +121,8 @@ pub(crate) struct ApiState {
     pub streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Refusals audited per actor (see [`REFUSALS_PER_MINUTE`]).
     pub refusals: std::sync::Mutex<RefusalLimiter>,
+    /// `[checks] timezone`: the days of date-only dates in an imported verifications.csv.
+    pub zone: crate::domain::civil::Zone,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -742,6 +744,7 @@ async fn import(
     // Parsed and checked row by row here, off the ingest task (linear); the ingest task
     // checks the owner's rights first, then what needs the registry, and writes.
     let name = file.clone();
+    let zone = st.zone.clone();
     let input = tokio::task::spawn_blocking(move || {
         let path = std::path::Path::new(&name);
         match kind {
@@ -751,11 +754,14 @@ async fn import(
                     rows,
                 })
             }
-            ImportKind::Verifications => crate::domain::input::parse_verification_rows(path, &text)
-                .map(|rows| Input::CertificateRows {
-                    file: name.clone(),
-                    rows,
-                }),
+            ImportKind::Verifications => {
+                crate::domain::input::parse_verification_rows(path, &text, &zone).map(|rows| {
+                    Input::CertificateRows {
+                        file: name.clone(),
+                        rows,
+                    }
+                })
+            }
         }
     })
     .await

@@ -293,6 +293,7 @@ mod tests {
             stall_after: std::time::Duration::from_secs(120),
             streams: Default::default(),
             refusals: Default::default(),
+            zone: Default::default(),
         });
         let cfg = HttpConfig {
             listen: "127.0.0.1:0".into(),

@@ -134,12 +134,13 @@ fn main() -> ExitCode {
         }
     };
     let load = |config: &PathBuf| GatewayConfig::load(config).map_err(|e| eprintln!("{e}"));
-    let open_registry = |config: &PathBuf| -> Result<Registry, ExitCode> {
+    let open_registry = |config: &PathBuf| -> Result<(GatewayConfig, Registry), ExitCode> {
         let cfg = load(config).map_err(|()| ExitCode::from(CONFIG_ERROR))?;
-        Registry::open(&cfg.registry.path).map_err(|e| {
+        let reg = Registry::open(&cfg.registry.path).map_err(|e| {
             eprintln!("calwatch-gateway: {e}");
             ExitCode::FAILURE
-        })
+        })?;
+        Ok((cfg, reg))
     };
     match cli.command {
         Command::Check { config } => match load(&config) {
@@ -154,7 +155,7 @@ fn main() -> ExitCode {
             devices,
             verifications,
         } => {
-            let mut reg = match open_registry(&config) {
+            let (cfg, mut reg) = match open_registry(&config) {
                 Ok(r) => r,
                 Err(code) => return code,
             };
@@ -175,7 +176,8 @@ fn main() -> ExitCode {
                 let result = if is_devices {
                     reg.import_devices(&file, &text, &actor)
                 } else {
-                    reg.import_verifications(&file, &text, &actor)
+                    // date-only dates are days in `[checks] timezone` (DESIGN decision 18)
+                    reg.import_verifications(&file, &text, &actor, &cfg.checks.timezone)
                 };
                 match result {
                     Ok(n) => println!("{}: imported {n} rows", file.display()),
@@ -207,7 +209,7 @@ fn main() -> ExitCode {
             revoke,
         } => {
             let mut reg = match open_registry(&config) {
-                Ok(r) => r,
+                Ok((_, r)) => r,
                 Err(code) => return code,
             };
             let actor = format!(

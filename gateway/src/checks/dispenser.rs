@@ -1,6 +1,21 @@
-//! Dispenser integrity (DESIGN "Dispenser integrity", decisions 6 and 7): the displayed volume
-//! of each sale against the independent encoder (JJG 443-2006 on: the dispenser itself locks
-//! after 5 cumulative deviations beyond ±0.6 %), and the totalizer against the sales.
+//! Dispenser integrity (DESIGN "Dispenser integrity", decisions 6, 7, 12 and 14): the displayed
+//! volume of each sale against the independent encoder (JJG 443-2006 on: the dispenser itself
+//! locks after 5 cumulative deviations beyond ±0.6 %), and the totalizer against the sales.
+//!
+//! - A sale is a reading whose `sale_id` differs from the last one seen, the first `sale_id`
+//!   ever seen included: display against encoder needs no baseline.
+//! - It counts towards `cheating_suspected` when |display − encoder| / encoder > 0.6 %
+//!   (decision 7), and when a volume is displayed against an encoder volume of 0 (decision 12:
+//!   the deviation is unbounded; its evidence has `last_deviation_pct` null and `encoder_zero`
+//!   true, and it is no `encoder` drift comparison). The count restarts at each new passing
+//!   verification; the fifth counted sale raises.
+//! - A sale whose display and encoder are both below `min_sale_l` (2 L, the minimum measured
+//!   quantity) is neither counted nor compared for drift (decision 12): aborted nozzle lifts
+//!   of a few centilitres are not measurements.
+//! - Totalizer (decision 6): between consecutive readings (no seq gap) its advance must equal
+//!   the new sale, or nothing, within max(`mpe_pct` of it, 0.02 L). Skipped across a seq gap,
+//!   and when `sale_id` did not move by 0 or 1 (decision 14: a jump, a first `sale_id`, or
+//!   one going back leaves the sales in between unknown).
 
 use calwatch_protocol::{AlertKind, Severity};
 use serde::{Deserialize, Serialize};
@@ -21,7 +36,8 @@ pub(crate) const TOTALIZER_MIN_TOLERANCE_L: f64 = 0.02;
 pub struct CheatingState {
     /// Sales counted (decision 7); restarts at each new passing verification.
     pub count: u32,
-    /// Deviation of the last counted sale, percent of the encoder volume.
+    /// Deviation of the last counted sale, percent of the encoder volume; `None` for an encoder
+    /// volume of 0 (unbounded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_deviation_pct: Option<f64>,
 }
@@ -31,8 +47,20 @@ pub(crate) fn deviation_pct(display_l: f64, encoder_l: f64) -> Option<f64> {
     (encoder_l > 0.0).then(|| (display_l - encoder_l).abs() / encoder_l * 100.0)
 }
 
-/// A dispenser reading. A new sale is a `sale_id` different from the last one seen (the first
-/// one seen is a baseline, not a sale); `sale_l` and `encoder_sale_l` describe it.
+/// The sales a reading's `sale_id` reveals since the previous reading.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NewSales {
+    /// The same `sale_id` (or none given): no new sale.
+    None,
+    /// `sale_id` advanced by one: this reading's sale is the only new one.
+    One,
+    /// A new sale, with an unknown number of others before it: the first `sale_id` seen, a
+    /// jump by more than one, or a `sale_id` going back (decision 14).
+    Unknown,
+}
+
+/// A dispenser reading. A new sale is a `sale_id` different from the last one seen, or the
+/// first one seen; `sale_l` and `encoder_sale_l` describe it.
 pub(super) fn check(
     ctx: &Ctx<'_>,
     state: &mut DeviceState,
@@ -41,20 +69,30 @@ pub(super) fn check(
     out: &mut Vec<Verdict>,
     touched: &mut Touched,
 ) {
-    let new_sale = matches!((v.sale_id, state.sale_id), (Some(id), Some(prev)) if id != prev);
+    let sales = match (v.sale_id, state.sale_id) {
+        (None, _) => NewSales::None,
+        (Some(id), Some(prev)) if id == prev => NewSales::None,
+        (Some(id), Some(prev)) if id == prev + 1.0 => NewSales::One,
+        (Some(_), _) => NewSales::Unknown,
+    };
     if v.sale_id.is_some() {
         state.sale_id = v.sale_id;
     }
     if let (Some(Step::Forward(prev)), Some(total)) = (totalizer, v.totalizer_l) {
-        // Only between consecutive readings; across a seq gap sales may be missing.
+        // Only between consecutive readings; across a seq gap sales may be missing, and
+        // across a sale_id jump they are (decision 14).
         if prev.seq + 1 == ctx.seq {
-            let sold = if new_sale { v.sale_l } else { Some(0.0) };
+            let sold = match sales {
+                NewSales::None => Some(0.0),
+                NewSales::One => v.sale_l,
+                NewSales::Unknown => None,
+            };
             if let Some(sold) = sold {
                 totalizer_check(ctx, state, prev, total, sold, out);
             }
         }
     }
-    if new_sale {
+    if sales != NewSales::None {
         if let (Some(display), Some(encoder)) = (v.sale_l, v.encoder_sale_l) {
             sale(ctx, state, v.sale_id, display, encoder, out, touched);
         }
@@ -104,8 +142,9 @@ fn totalizer_check(
     );
 }
 
-/// One new sale: feeds the `encoder` drift source and counts a deviation beyond
-/// `cheat_deviation_pct`; from the `cheat_sales`-th counted sale on each one raises
+/// One new sale of at least `min_sale_l` (on display or encoder): feeds the `encoder` drift
+/// source and counts a deviation beyond `cheat_deviation_pct` or a displayed volume against an
+/// encoder volume of 0; from the `cheat_sales`-th counted sale on each one raises
 /// `cheating_suspected` (critical), latched until the next passing verification.
 fn sale(
     ctx: &Ctx<'_>,
@@ -116,24 +155,31 @@ fn sale(
     out: &mut Vec<Verdict>,
     touched: &mut Touched,
 ) {
-    let Some(dev) = deviation_pct(display, encoder) else {
-        return;
-    };
     let cfg = ctx.cfg;
-    let mpe = dispenser_mpe_l(dispenser_mpe_pct(ctx.device), encoder);
-    touched.feed(
-        state.drift.get_mut(super::drift::DriftSource::Encoder),
-        ctx.ts,
-        (display - encoder) / mpe,
-        &cfg.drift,
-    );
-    // Exactly at the threshold does not count ("more than 0.6 %").
-    if dev <= cfg.cheat_deviation_pct * (1.0 + TIE) {
+    // Below the minimum measured quantity (an aborted nozzle lift), or nothing at all.
+    let volume = display.max(encoder);
+    if volume <= 0.0 || volume < cfg.min_sale_l * (1.0 - TIE) {
         return;
+    }
+    // `None`: a displayed volume against an encoder volume of 0, an unbounded deviation that
+    // always counts and is no drift comparison (there is no measured volume to compare to).
+    let dev = deviation_pct(display, encoder);
+    if let Some(dev) = dev {
+        let mpe = dispenser_mpe_l(dispenser_mpe_pct(ctx.device), encoder);
+        touched.feed(
+            state.drift.get_mut(super::drift::DriftSource::Encoder),
+            ctx.ts,
+            (display - encoder) / mpe,
+            &cfg.drift,
+        );
+        // Exactly at the threshold does not count ("more than 0.6 %").
+        if dev <= cfg.cheat_deviation_pct * (1.0 + TIE) {
+            return;
+        }
     }
     let c = &mut state.cheating;
     c.count = c.count.saturating_add(1);
-    c.last_deviation_pct = Some(dev);
+    c.last_deviation_pct = dev;
     if c.count < cfg.cheat_sales {
         return;
     }
@@ -150,7 +196,11 @@ fn sale(
         ),
         evidence([
             ("count", JsonValue::from(count)),
-            ("last_deviation_pct", num(dev, 3)),
+            (
+                "last_deviation_pct",
+                dev.map_or(JsonValue::Null, |d| num(d, 3)),
+            ),
+            ("encoder_zero", JsonValue::from(dev.is_none())),
             ("threshold_pct", JsonValue::from(cfg.cheat_deviation_pct)),
             ("sale_id", sale_id.map_or(JsonValue::Null, JsonValue::from)),
             ("sale_l", JsonValue::from(display)),
@@ -165,7 +215,7 @@ mod tests {
     use calwatch_protocol::{AlertKind, Severity};
 
     use super::super::fixtures::*;
-    use super::super::{CheckConfig, DeviceState, Verdict};
+    use super::super::{CheckConfig, DeviceState, DriftSource, Verdict};
     use super::*;
     use crate::domain::DeviceKind;
 
@@ -205,8 +255,8 @@ mod tests {
                 ],
             )
         };
-        // the first sale seen is a baseline, even when it deviates
-        assert!(sale(&d, &mut st, 100.0, 20.2, 20.0).is_empty());
+        // the first sale seen is judged like any other (here a clean one)
+        assert!(sale(&d, &mut st, 100.0, 20.0, 20.0).is_empty());
         assert_eq!(st.cheating.count, 0);
         for id in 101..=104 {
             assert!(
@@ -306,6 +356,152 @@ mod tests {
         assert_eq!(
             r(&mut st, 10, 2001.0, 6.0, 1.0),
             [clear_of(AlertKind::TotalizerMismatch)]
+        );
+    }
+
+    /// A dispenser under C-1 and a sale function: (sale_id, display, encoder) → verdicts, one
+    /// reading a minute.
+    fn dispenser() -> (crate::domain::Device, CheckConfig, DeviceState) {
+        let mut d = device(DeviceKind::Dispenser, None);
+        d.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        (d, CheckConfig::default(), DeviceState::default())
+    }
+
+    fn sale_at(
+        d: &crate::domain::Device,
+        cfg: &CheckConfig,
+        st: &mut DeviceState,
+        seq: u64,
+        id: f64,
+        display: f64,
+        encoder: f64,
+    ) -> Vec<Verdict> {
+        run(
+            d,
+            st,
+            cfg,
+            seq,
+            seq as i64 * 60_000,
+            &[
+                ("sale_id", n(id)),
+                ("sale_l", n(display)),
+                ("encoder_sale_l", n(encoder)),
+            ],
+        )
+    }
+
+    /// Issue #16 item 3, decision 12: a board that blanks the encoder (35.02 L displayed,
+    /// 0 L measured) was never counted; five such sales now raise `cheating_suspected`, with
+    /// evidence that is finite JSON (the unbounded deviation is `null`, `encoder_zero` says
+    /// why).
+    #[test]
+    fn a_blanked_encoder_counts_with_finite_evidence() {
+        let (d, cfg, mut st) = dispenser();
+        assert!(sale_at(&d, &cfg, &mut st, 1, 100.0, 20.0, 20.0).is_empty());
+        for id in 101..=104u64 {
+            let v = sale_at(&d, &cfg, &mut st, id - 99, id as f64, 35.02, 0.0);
+            assert!(v.is_empty(), "sale {id}: {v:?}");
+        }
+        assert_eq!(st.cheating.count, 4);
+        let v = sale_at(&d, &cfg, &mut st, 6, 105.0, 35.02, 0.0);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::CheatingSuspected, Severity::Critical)]
+        );
+        let Verdict::Raise { evidence, .. } = &v[0] else {
+            panic!()
+        };
+        assert_eq!(evidence["count"], 5);
+        assert_eq!(evidence["last_deviation_pct"], JsonValue::Null);
+        assert_eq!(evidence["encoder_zero"], true);
+        assert_eq!(evidence["encoder_sale_l"], 0.0);
+        let text = serde_json::to_string(evidence).unwrap();
+        assert!(!text.contains("inf") && !text.contains("NaN"), "{text}");
+        // the state stays finite too, and a blanked encoder is no drift comparison
+        assert_eq!(st.cheating.last_deviation_pct, None);
+        assert_eq!(st.drift.get(DriftSource::Encoder).comparisons, 1);
+        let json = serde_json::to_string(&st).unwrap();
+        assert_eq!(
+            serde_json::from_str::<DeviceState>(&json).unwrap().cheating,
+            st.cheating
+        );
+        // nothing displayed, nothing measured: not a sale
+        assert_eq!(raised(&sale_at(&d, &cfg, &mut st, 7, 106.0, 0.0, 0.0)), []);
+        assert_eq!(st.cheating.count, 5);
+    }
+
+    /// Issue #16 item 3, decision 12: aborted nozzle lifts of 0.02 L against 0.015 L are
+    /// 33 % deviations; below `min_sale_l` (2 L) they are not counted (before: the fifth
+    /// raised `cheating_suspected` against an honest station) and feed no drift either.
+    /// 2 L itself is a measured quantity.
+    #[test]
+    fn sales_below_the_minimum_measured_quantity_do_not_count() {
+        let (d, cfg, mut st) = dispenser();
+        for seq in 1..=10u64 {
+            let v = sale_at(&d, &cfg, &mut st, seq, seq as f64, 0.02, 0.015);
+            assert!(v.is_empty(), "lift {seq}: {v:?}");
+        }
+        assert_eq!(st.cheating.count, 0);
+        assert_eq!(st.drift.get(DriftSource::Encoder).comparisons, 0);
+        // 1.99 L displayed, 1.9 L measured: below 2 L on both sides, not counted
+        assert!(sale_at(&d, &cfg, &mut st, 11, 11.0, 1.99, 1.9).is_empty());
+        assert_eq!(st.cheating.count, 0);
+        // 2.02 L against 2.0 L (1 %): counted
+        assert!(sale_at(&d, &cfg, &mut st, 12, 12.0, 2.02, 2.0).is_empty());
+        assert_eq!(st.cheating.count, 1);
+    }
+
+    /// Issue #16 item 3: the first sale ever seen was a baseline and never judged; display
+    /// against encoder needs no baseline, so it counts (and the fifth deviating sale is the
+    /// fifth, not the sixth, sale seen).
+    #[test]
+    fn the_first_sale_seen_is_judged() {
+        let (d, cfg, mut st) = dispenser();
+        assert!(sale_at(&d, &cfg, &mut st, 1, 100.0, 20.2, 20.0).is_empty());
+        assert_eq!(st.cheating.count, 1);
+        assert_eq!(st.drift.get(DriftSource::Encoder).comparisons, 1);
+        for id in 101..=103u64 {
+            assert!(sale_at(&d, &cfg, &mut st, id - 99, id as f64, 20.2, 20.0).is_empty());
+        }
+        let v = sale_at(&d, &cfg, &mut st, 5, 104.0, 20.2, 20.0);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::CheatingSuspected, Severity::Critical)]
+        );
+    }
+
+    /// Issue #16 item 4, decision 14: sale_id 1 → 3 between consecutive readings: sale 2
+    /// (30 L) was never seen, so the totalizer's 50 L advance against the 20 L of sale 3 is
+    /// no mismatch (before: `totalizer_mismatch` on 30 L); the check resumes afterwards.
+    #[test]
+    fn totalizer_is_not_judged_across_skipped_sales() {
+        let (d, cfg, mut st) = dispenser();
+        let r = |st: &mut DeviceState, seq: u64, total: f64, id: f64, sale: f64| {
+            run(
+                &d,
+                st,
+                &cfg,
+                seq,
+                seq as i64 * 60_000,
+                &[
+                    ("totalizer_l", n(total)),
+                    ("sale_id", n(id)),
+                    ("sale_l", n(sale)),
+                    ("encoder_sale_l", n(sale)),
+                ],
+            )
+        };
+        assert!(r(&mut st, 1, 1000.0, 1.0, 10.0).is_empty());
+        assert!(r(&mut st, 2, 1050.0, 3.0, 20.0).is_empty());
+        // a sale_id going backwards (a reset controller) leaves the sales unknown too
+        assert!(r(&mut st, 3, 1090.0, 1.0, 25.0).is_empty());
+        // consecutive sale ids again: judged
+        assert!(r(&mut st, 4, 1110.0, 2.0, 20.0).is_empty());
+        let v = r(&mut st, 5, 1140.0, 3.0, 20.0);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::TotalizerMismatch, Severity::Warning)]
         );
     }
 }

@@ -4,9 +4,30 @@
 //! robustly (median, 1.4826 · MAD) over a warm-up after each verification, and a least-squares
 //! trend of r against time projecting when |r| reaches 1.
 //!
-//! A signal needs both: the EWMA beyond μ₀ ± L σ_z or a CUSUM beyond h, and
-//! |EWMA − μ₀| ≥ `min_r`. It clears as soon as that no longer holds (the lifecycle adds the
-//! hold time).
+//! A signal starts when both hold: the EWMA beyond μ₀ ± L σ_z or a CUSUM beyond h, and
+//! |EWMA − μ₀| ≥ `min_r`. It stops only when |EWMA − μ₀| < `release_r` (0.15 < `min_r`): a
+//! hysteresis, so an EWMA hovering at `min_r` is one alert, not a raise and a clear on every
+//! comparison, each a new alert id once the lifecycle's hold time (10 min, the length of one
+//! sampling bucket) has passed (issue #16). `release_r` = 0 turns the hysteresis off.
+//!
+//! # The `zero` source of a scale
+//!
+//! A zero comparison is a stable, untared, not overloaded reading that is no check reading
+//! (no `check_ref_kg`) and shows the empty platform; error = gross, normalised by
+//! the in-service MPE at zero load (0.5 e × 2 = 1 e, every class). The empty platform is
+//! recognised two ways:
+//! - at rest: the centre-of-zero flag, or |gross| ≤ `zero_band_e` (1 e);
+//! - after a sale: the first such reading after a load (gross above the scale's Min: R 76-1
+//!   table 3, class I 100 e, II 20 e (e ≤ 0.05 g) or 50 e, III 20 e, IIII 10 e) whose
+//!   |gross| ≤ `zero_return_band_e` (10 e), capped at Min / 2 so no weighable load can pass
+//!   for an empty platform. Flag or not: a zero that moved to 2 e is no longer "at centre of
+//!   zero" for the indicator, and was invisible before (issue #16). Readings after it at the
+//!   same offset (the platform standing empty) are not comparisons again until the next load,
+//!   and a reading above the band but below Min (a small item) leaves the return pending.
+//!
+//! Comparisons are averaged over `sample_ms` like every continuous source. Drift, as for every
+//! source, is measured from the warm-up mean: a zero already displaced during the warm-up is
+//! learned as in control (decision 4).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -95,6 +116,7 @@ static UNUSED: DriftState = DriftState {
     cusum_pos: 0.0,
     cusum_neg: 0.0,
     signalling: false,
+    loaded: false,
     trend: VecDeque::new(),
     bucket: None,
 };
@@ -193,6 +215,9 @@ pub struct DriftState {
     pub cusum_neg: f64,
     /// Whether the source signals drift now.
     pub signalling: bool,
+    /// `zero` only: a load above Min was seen and the emptied platform not yet.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub loaded: bool,
     /// The last `trend_window` comparisons as (ts, r).
     pub trend: VecDeque<(i64, f64)>,
     /// The average in progress (`zero`, `physics`).
@@ -239,7 +264,12 @@ impl DriftState {
         let h = p.cusum_h * b.sigma;
         let statistics = shift > self.ewma_limit(b, p) || self.cusum_pos > h || self.cusum_neg > h;
         let was = self.signalling;
-        self.signalling = statistics && shift >= p.min_r * (1.0 - TIE);
+        self.signalling = if was && p.release_r > 0.0 {
+            // Hysteresis: held until the EWMA is back within release_r of the mean.
+            shift >= p.release_r * (1.0 - TIE)
+        } else {
+            statistics && shift >= p.min_r * (1.0 - TIE)
+        };
         self.signalling && !was
     }
 
@@ -473,24 +503,53 @@ fn describe(source: DriftSource, d: &DriftState) -> (String, Map<String, JsonVal
     )
 }
 
-/// The `zero` comparison of a scale reading: stable, not overloaded, no tare, and at centre of
-/// zero (the `zero` flag, or |gross| ≤ `zero_band_e` · e). r = gross / MPE at zero load in
-/// service (m = 0: 0.5 e × 2 = 1 e for every class).
-pub(super) fn zero_r(device: &Device, v: &Values, cfg: &CheckConfig) -> Option<f64> {
+/// Minimum capacity (Min) of a scale, in e (the module doc's table 3).
+pub(crate) fn scale_min_e(class: ScaleClass, e_kg: f64) -> f64 {
+    /// Class II scales with e up to 0.05 g have Min = 20 e, coarser ones 50 e.
+    const CLASS_II_FINE_E_KG: f64 = 0.000_05;
+    match class {
+        ScaleClass::I => 100.0,
+        ScaleClass::II if e_kg <= CLASS_II_FINE_E_KG * (1.0 + TIE) => 20.0,
+        ScaleClass::II => 50.0,
+        ScaleClass::III => 20.0,
+        ScaleClass::IIII => 10.0,
+    }
+}
+
+/// The `zero` comparison of a scale reading (see the module doc): r = gross / MPE at zero
+/// load in service (m = 0: 0.5 e × 2 = 1 e for every class). Remembers in the zero source's
+/// [`DriftState::loaded`] a load above Min, so the first empty platform after it counts.
+pub(super) fn zero_r(
+    device: &Device,
+    sources: &mut DriftSources,
+    v: &Values,
+    cfg: &CheckConfig,
+) -> Option<f64> {
+    let gross = v.gross_kg?;
+    let e = device.e?;
+    let class = ScaleClass::parse(device.accuracy_class.as_deref()?)?;
+    let min_e = scale_min_e(class, e);
+    if gross > min_e * e * (1.0 + TIE) {
+        // A load, stable or not: the next empty platform is a return to zero.
+        if !sources.get(DriftSource::Zero).loaded {
+            sources.get_mut(DriftSource::Zero).loaded = true;
+        }
+        return None;
+    }
     if flag(v.stable) != Some(true) || flag(v.overload) == Some(true) {
         return None;
     }
     if v.tare_kg.is_some_and(|t| t != 0.0) || v.check_ref_kg.is_some() {
         return None;
     }
-    let gross = v.gross_kg?;
-    let e = device.e?;
-    let class = ScaleClass::parse(device.accuracy_class.as_deref()?)?;
-    let at_zero = flag(v.zero) == Some(true) || gross.abs() <= cfg.zero_band_e * e * (1.0 + TIE);
-    if !at_zero {
-        return None;
+    let at_rest = flag(v.zero) == Some(true) || gross.abs() <= cfg.zero_band_e * e * (1.0 + TIE);
+    let band = cfg.zero_return_band_e.min(min_e / 2.0) * e;
+    let loaded = sources.get(DriftSource::Zero).loaded;
+    let returned = loaded && gross.abs() <= band * (1.0 + TIE);
+    if loaded && (returned || at_rest) {
+        sources.get_mut(DriftSource::Zero).loaded = false;
     }
-    Some(gross / scale_mpe_kg(class, e, 0.0, true))
+    (returned || at_rest).then(|| gross / scale_mpe_kg(class, e, 0.0, true))
 }
 
 /// The `physics` comparison of a meter reading (decision 8): `power_w` against Σ V·I·PF of
@@ -809,5 +868,239 @@ mod tests {
         assert_eq!(status(&st).source, Some(DriftSource::Zero));
         // one average every 10 min
         assert!(st.drift.get(DriftSource::Zero).comparisons > 100);
+    }
+
+    /// One customer at a 15 kg class III scale (e = 5 g), a reading a minute: the platform
+    /// empty at `idle` kg, the load placed (unstable), weighed twice, taken off (unstable),
+    /// and the first stable reading after it at `back` kg. The centre-of-zero flag is set
+    /// as R 76 does, within ±0.25 e. Returns the verdicts of the six readings.
+    fn customer(
+        dev: &crate::domain::Device,
+        st: &mut DeviceState,
+        cfg: &CheckConfig,
+        seq: &mut u64,
+        load: f64,
+        back: f64,
+        idle: f64,
+    ) -> Vec<Verdict> {
+        let e = dev.e.unwrap();
+        let mut out = Vec::new();
+        for (gross, stable) in [
+            (idle, true),
+            (load / 2.0, false),
+            (load, true),
+            (load, true),
+            (load / 3.0, false),
+            (back, true),
+        ] {
+            *seq += 1;
+            out.extend(run(
+                dev,
+                st,
+                cfg,
+                *seq,
+                *seq as i64 * 60_000,
+                &[
+                    ("gross_kg", n(gross)),
+                    ("net_kg", n(gross)),
+                    ("tare_kg", n(0.0)),
+                    ("stable", b(stable)),
+                    ("zero", b(stable && gross.abs() <= 0.25 * e * (1.0 + 1e-9))),
+                    ("overload", b(false)),
+                ],
+            ));
+        }
+        out
+    }
+
+    fn class_iii_scale() -> crate::domain::Device {
+        let mut dev = device(DeviceKind::Scale, Some("III"));
+        dev.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        dev
+    }
+
+    /// An honest return to zero, 0 ± 0.5 e at 1 g resolution: −2..=2 g.
+    fn honest_zero(rng: &mut Rng) -> f64 {
+        (rng.normal() * 1.2).round().clamp(-2.0, 2.0) * 0.001
+    }
+
+    /// Issue #16 item 7: after a warm-up of honest zeros, the emptied platform comes back at
+    /// +10 g (2 e) after every sale, without the centre-of-zero flag. Before, nothing within
+    /// ±1 e was left to compare and the moved zero was invisible; now the first stable
+    /// reading after each load is a `zero` comparison and `drift` is raised on `zero`.
+    #[test]
+    fn a_zero_moved_to_two_e_after_sales_signals_drift() {
+        let dev = class_iii_scale();
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let mut rng = Rng::new(5);
+        let mut seq = 0;
+        // 60 customers, 6 h: 36 ten-minute averages, past the warm-up of 20
+        for _ in 0..60 {
+            let (load, z) = (0.2 + 3.0 * rng.normal().abs(), honest_zero(&mut rng));
+            let v = customer(&dev, &mut st, &cfg, &mut seq, load, z, z);
+            assert!(v.is_empty(), "{v:?}");
+        }
+        let before = st.drift.get(DriftSource::Zero).clone();
+        assert!(before.baseline.is_some(), "{before:?}");
+        let mut drift = Vec::new();
+        for _ in 0..30 {
+            let load = 0.2 + 3.0 * rng.normal().abs();
+            let v = customer(&dev, &mut st, &cfg, &mut seq, load, 0.010, 0.010);
+            drift.extend(v.into_iter().filter(|v| v.kind() == AlertKind::Drift));
+        }
+        let Some(Verdict::Raise {
+            severity, evidence, ..
+        }) = drift.first()
+        else {
+            panic!(
+                "no drift raised on a zero at +2 e: {:?}",
+                st.drift.get(DriftSource::Zero)
+            )
+        };
+        assert_eq!(*severity, Severity::Warning);
+        assert_eq!(evidence["source"], "zero");
+        assert!(evidence["ewma"].as_f64().unwrap() >= 0.3, "{evidence:?}");
+        // only the returns are comparisons (r = 2), not the idle readings at +2 e: the EWMA
+        // settles at 2, and the alert stays up
+        let z = st.drift.get(DriftSource::Zero);
+        assert!(z.comparisons > before.comparisons, "{z:?}");
+        assert!((z.ewma - 2.0).abs() < 0.1 && z.signalling, "{z:?}");
+        assert!(!drift.contains(&clear_of(AlertKind::Drift)));
+    }
+
+    /// Issue #16 item 7, the other side: an honest scale whose platform returns to 0 ± 0.5 e
+    /// after every sale raises nothing over two days of customers.
+    #[test]
+    fn an_honest_zero_after_sales_raises_nothing() {
+        let dev = class_iii_scale();
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let mut rng = Rng::new(9);
+        let mut seq = 0;
+        for i in 0..480 {
+            let load = 0.2 + 3.0 * rng.normal().abs();
+            let (back, idle) = (honest_zero(&mut rng), honest_zero(&mut rng));
+            let v = customer(&dev, &mut st, &cfg, &mut seq, load, back, idle);
+            assert!(v.is_empty(), "customer {i}: {v:?}");
+        }
+        assert!(st.drift.get(DriftSource::Zero).comparisons > 100);
+    }
+
+    /// Which readings are `zero` comparisons (issue #16 item 7): the first stable reading after
+    /// a load above Min (20 e = 100 g) within `zero_return_band_e` (10 e, at most Min / 2),
+    /// flag or not; not the idle readings after it, nor a return after a load below Min, nor
+    /// one beyond the band.
+    #[test]
+    fn the_first_stable_reading_after_a_load_is_the_empty_platform() {
+        let dev = class_iii_scale();
+        let cfg = CheckConfig::default();
+        let mut d = DriftSources::default();
+        let r = |d: &mut DriftSources, gross: f64, stable: bool| {
+            let vals = [
+                ("gross_kg", n(gross)),
+                ("stable", b(stable)),
+                ("zero", b(false)),
+            ];
+            zero_r(&dev, d, &Values::scan(&reading(1, 0, &vals).view()), &cfg)
+        };
+        assert_eq!(r(&mut d, 0.010, true), None);
+        assert_eq!(r(&mut d, 1.2, false), None);
+        assert_eq!(r(&mut d, 1.2, true), None);
+        assert_eq!(r(&mut d, 0.010, false), None);
+        let first = r(&mut d, 0.010, true).unwrap();
+        assert!((first - 2.0).abs() < 1e-9, "{first}");
+        assert_eq!(r(&mut d, 0.010, true), None);
+        // a load below Min does not arm it
+        assert_eq!(r(&mut d, 0.095, true), None);
+        assert_eq!(r(&mut d, 0.010, true), None);
+        // beyond the band (11 e) after a load: still a load on the platform, not a zero
+        assert_eq!(r(&mut d, 2.0, true), None);
+        assert_eq!(r(&mut d, 0.055, true), None);
+        let back = r(&mut d, -0.050, true).unwrap();
+        assert!((back + 10.0).abs() < 1e-9, "{back}");
+        // within ±1 e the old rule still holds without any load
+        assert!((r(&mut d, 0.004, true).unwrap() - 0.8).abs() < 1e-9);
+    }
+
+    /// Issue #16 item 8: r alternating 0.2 and 0.4 after a warm-up at 0 (σ at its floor)
+    /// moves the EWMA to 0.289 / 0.311, around `min_r` = 0.3. Before, `signalling` flipped on
+    /// nearly every comparison; with the release at `release_r` = 0.15 it starts once and
+    /// stays until the EWMA is back below 0.15.
+    #[test]
+    fn hysteresis_an_ewma_hovering_at_min_r_signals_once() {
+        let p = DriftParams::default();
+        let mut d = DriftState::default();
+        for i in 0..20 {
+            d.update(i * 60_000, 0.0, &p);
+        }
+        let mut transitions = 0;
+        let mut was = d.signalling;
+        let mut feed = |d: &mut DriftState, i: i64, r: f64| {
+            d.update(i * 60_000, r, &p);
+            if d.signalling != was {
+                transitions += 1;
+                was = d.signalling;
+            }
+            d.signalling
+        };
+        for i in 20..120 {
+            feed(&mut d, i, if i % 2 == 0 { 0.2 } else { 0.4 });
+        }
+        assert!(d.signalling);
+        // back to 0.1: EWMA 0.3 → 0.1, released once below 0.15, not before
+        let mut released_at = None;
+        for i in 120..140 {
+            if !feed(&mut d, i, 0.1) && released_at.is_none() {
+                released_at = Some(d.ewma);
+            }
+        }
+        assert_eq!(transitions, 2, "one start, one release");
+        let at = released_at.unwrap();
+        assert!(at < 0.15 && at > 0.13, "released at EWMA {at}");
+    }
+
+    /// Issue #16 item 8 through the checks: the encoder source of a dispenser with 40 L sales
+    /// a minute, r alternating 0.2 / 0.4 after a warm-up at 0: one `drift` raise and no
+    /// clear (before: a raise and a clear on nearly every sale, each a new alert after the
+    /// hold time).
+    #[test]
+    fn hysteresis_one_drift_alert_for_a_hovering_encoder() {
+        let mut dev = device(DeviceKind::Dispenser, None);
+        dev.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let (mut raises, mut clears) = (0, 0);
+        // 20 warm-up sales and 40 hovering ones: an hour, under repeat_ms (no heartbeat)
+        for seq in 1..=59u64 {
+            let r = match seq {
+                ..=20 => 0.0,
+                s if s % 2 == 0 => 0.2,
+                _ => 0.4,
+            };
+            let v = run(
+                &dev,
+                &mut st,
+                &cfg,
+                seq,
+                seq as i64 * 60_000,
+                &[
+                    ("sale_id", n(seq as f64)),
+                    ("sale_l", n(40.0 + 0.2 * r)),
+                    ("encoder_sale_l", n(40.0)),
+                ],
+            );
+            for v in v.iter().filter(|v| v.kind() == AlertKind::Drift) {
+                match v {
+                    Verdict::Raise { .. } => raises += 1,
+                    Verdict::Clear { .. } => clears += 1,
+                }
+            }
+        }
+        assert_eq!((raises, clears), (1, 0));
+        assert!(st.drift.get(DriftSource::Encoder).signalling);
+        assert_eq!(st.cheating.count, 0);
     }
 }

@@ -40,6 +40,9 @@ pub(crate) mod mpe;
 pub(crate) mod seal;
 pub(crate) mod window;
 
+#[cfg(test)]
+mod reference_sim;
+
 use std::collections::BTreeMap;
 
 use calwatch_protocol::{AlertKind, ReadingRef, Severity, Value};
@@ -66,6 +69,9 @@ const TIE: f64 = 1e-9;
 pub struct CheckConfig {
     /// How long before `valid_until` a device is `due_soon` (DESIGN: 30 days).
     pub due_soon_lead_ms: i64,
+    /// The zone whose days date-only certificate dates are, and in which alerts print them
+    /// (`timezone`, an IANA name; DESIGN decision 18: UTC).
+    pub timezone: crate::domain::civil::Zone,
     /// Drift statistics.
     pub drift: DriftParams,
     /// A sale counts towards `cheating_suspected` when display and encoder differ by more than
@@ -73,16 +79,23 @@ pub struct CheckConfig {
     pub cheat_deviation_pct: f64,
     /// The counted sale that raises `cheating_suspected` (5).
     pub cheat_sales: u32,
+    /// The dispenser's minimum measured quantity, L: a sale whose display and encoder are both
+    /// below it (an aborted nozzle lift) is neither counted nor compared (decision 12: 2).
+    pub min_sale_l: f64,
     /// A device is offline after this many `interval_s` without a reading (3).
     pub offline_factor: u32,
     /// A stable, untared, not overloaded scale reading within ± this many e of zero is a zero
     /// comparison even without the centre-of-zero flag (1.0: the in-service MPE at zero).
     pub zero_band_e: f64,
+    /// The first stable reading after a load above the scale's Min whose |gross| is within
+    /// this many e (at most half of Min) is the emptied platform: a zero comparison, flag or
+    /// not (10 e; Min is 20 e for class III).
+    pub zero_return_band_e: f64,
     /// Smallest |Σ V·I·PF| in W for a physics comparison; near no load the relative error is
     /// noise (100 W).
     pub physics_min_w: f64,
     /// Smallest advance of the reference meter, kWh, over which a `reference_device` comparison
-    /// is made, so register resolution stays small against the MPE (10 kWh).
+    /// is made (10 kWh); the MPE must also be 10 × the comparison's uncertainty (decision 16).
     pub reference_min_kwh: f64,
     /// A persisting condition is raised again at most this often, ms of event time (1 h).
     pub repeat_ms: i64,
@@ -92,11 +105,14 @@ impl Default for CheckConfig {
     fn default() -> Self {
         CheckConfig {
             due_soon_lead_ms: 30 * DAY_MS,
+            timezone: crate::domain::civil::Zone::default(),
             drift: DriftParams::default(),
             cheat_deviation_pct: 0.6,
             cheat_sales: 5,
+            min_sale_l: 2.0,
             offline_factor: 3,
             zero_band_e: 1.0,
+            zero_return_band_e: 10.0,
             physics_min_w: 100.0,
             reference_min_kwh: 10.0,
             repeat_ms: 3_600_000,
@@ -120,6 +136,9 @@ pub struct DriftParams {
     pub warmup: usize,
     /// A signal also needs |EWMA − mean| ≥ this, in r (DESIGN decision 4: 0.3).
     pub min_r: f64,
+    /// A signalling source stops signalling only when |EWMA − mean| < this, in r (0.15; below
+    /// `min_r`; 0: no hysteresis).
+    pub release_r: f64,
     /// Comparisons in the least-squares trend (50).
     pub trend_window: usize,
     /// Lower bound of the robust σ, in r (0.05): a warm-up of identical values (a quantised
@@ -139,6 +158,7 @@ impl Default for DriftParams {
             cusum_h: 5.0,
             warmup: 20,
             min_r: 0.3,
+            release_r: 0.15,
             trend_window: 50,
             sigma_floor: 0.05,
             sample_ms: 600_000,
@@ -156,7 +176,7 @@ impl CheckConfig {
     pub fn validate(&self) -> Result<(), InvalidCheckConfig> {
         let d = &self.drift;
         let positive = |x: f64| x.is_finite() && x > 0.0;
-        let rules: [(bool, &'static str); 14] = [
+        let rules = [
             (
                 self.due_soon_lead_ms >= 0,
                 "due_soon_lead_ms must not be negative",
@@ -175,6 +195,12 @@ impl CheckConfig {
             (
                 d.min_r.is_finite() && d.min_r >= 0.0,
                 "drift.min_r must not be negative",
+            ),
+            (
+                d.release_r.is_finite()
+                    && d.release_r >= 0.0
+                    && (d.release_r < d.min_r || d.release_r == 0.0),
+                "drift.release_r must not be negative and must be below drift.min_r (0: no hysteresis)",
             ),
             (d.trend_window >= 3, "drift.trend_window must be at least 3"),
             (
@@ -198,6 +224,14 @@ impl CheckConfig {
                 "zero_band_e must not be negative, physics_min_w and reference_min_kwh positive",
             ),
             (self.repeat_ms > 0, "repeat_ms must be positive"),
+            (
+                self.min_sale_l.is_finite() && self.min_sale_l >= 0.0,
+                "min_sale_l must not be negative",
+            ),
+            (
+                self.zero_return_band_e.is_finite() && self.zero_return_band_e >= 0.0,
+                "zero_return_band_e must not be negative",
+            ),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(InvalidCheckConfig(why)),
@@ -360,42 +394,120 @@ pub struct DeviceState {
     /// Last `energy_kwh` seen (rollback; the reference view of this device).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub energy: Option<Register>,
-    /// The `energy_kwh` before `energy`, unless the register went back in between.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub energy_prev: Option<Register>,
+    /// The modulus at which the `energy_kwh` register wraps, from the agent's `device_info`
+    /// ([`seal::apply_device_info`], DESIGN decision 17); `None`: it does not wrap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_wrap: Option<f64>,
+    /// The last [`ENERGY_SAMPLES`] `energy_kwh` samples, oldest first, rising in `ts` and
+    /// not falling in value (a step back or a clock going back restarts them): what a
+    /// `reference_device` comparison interpolates in, this meter's as the reference's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub energy_samples: Vec<EnergySample>,
     /// Last `sale_id` seen; a different one is a new sale.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sale_id: Option<f64>,
 }
 
-impl DeviceState {
-    /// This device seen as another's `reference_device`: its last two energy samples.
-    pub fn reference_energy(&self) -> Option<ReferenceEnergy> {
-        let (prev, last) = (self.energy_prev?, self.energy?);
-        (last.ts > prev.ts && last.value >= prev.value).then_some(ReferenceEnergy { prev, last })
+/// Energy samples a meter keeps (DESIGN decision 16): enough that a reference polled at
+/// another phase, or a batch or two behind, still brackets the compared meter's readings.
+pub(crate) const ENERGY_SAMPLES: usize = 8;
+
+/// One `energy_kwh` sample; saved as `[ts, kwh]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(i64, f64)", into = "(i64, f64)")]
+pub struct EnergySample {
+    pub ts: i64,
+    pub kwh: f64,
+}
+
+impl From<(i64, f64)> for EnergySample {
+    fn from((ts, kwh): (i64, f64)) -> EnergySample {
+        EnergySample { ts, kwh }
     }
 }
 
-/// What a `reference_device` contributes to a comparison (DESIGN decision 3): its last two
-/// energy samples, so its energy at another device's reading time can be interpolated.
-/// Copy it out of the reference's state before borrowing the checked device's state.
+impl From<EnergySample> for (i64, f64) {
+    fn from(s: EnergySample) -> (i64, f64) {
+        (s.ts, s.kwh)
+    }
+}
+
+impl DeviceState {
+    /// This device seen as another's `reference_device`: its recent energy samples.
+    pub fn reference_energy(&self) -> Option<ReferenceEnergy> {
+        ReferenceEnergy::new(&self.energy_samples)
+    }
+
+    /// Appends an `energy_kwh` sample; `forward`: the register did not go back.
+    fn record_energy(&mut self, ts: i64, kwh: f64, forward: bool) {
+        let s = &mut self.energy_samples;
+        if !(forward && s.last().is_some_and(|l| l.ts < ts && l.kwh <= kwh)) {
+            s.clear();
+        } else if s.len() >= ENERGY_SAMPLES {
+            s.remove(0);
+        }
+        s.push(EnergySample { ts, kwh });
+    }
+}
+
+/// What a `reference_device` contributes to a comparison (DESIGN decisions 3, 16): its recent
+/// energy samples, so its energy at another meter's reading time can be interpolated — never
+/// extrapolated. Copied out of the reference's state (no allocation) before the checked
+/// device's state is borrowed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ReferenceEnergy {
-    pub prev: Register,
-    pub last: Register,
+    samples: [EnergySample; ENERGY_SAMPLES],
+    len: usize,
+}
+
+/// An energy interpolated between two samples of a register.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interpolated {
+    pub kwh: f64,
+    /// Bound of the interpolation error, kWh: the energy of the sample interval (the true
+    /// energy lies between its two samples whatever the load did in between); 0 on a sample.
+    pub bound_kwh: f64,
 }
 
 impl ReferenceEnergy {
-    /// The reference's energy at `ts`: interpolated between its two samples, or extrapolated
-    /// at its last rate by at most one of its intervals (the two meters are polled
-    /// independently); `None` further out.
-    pub fn at(&self, ts: i64) -> Option<f64> {
-        let span = self.last.ts - self.prev.ts;
-        if span <= 0 || ts < self.prev.ts || ts > self.last.ts.saturating_add(span) {
+    /// The newest [`ENERGY_SAMPLES`] of `samples` (rising in `ts`, not falling in value), if
+    /// there are two.
+    pub fn new(samples: &[EnergySample]) -> Option<ReferenceEnergy> {
+        let recent = &samples[samples.len().saturating_sub(ENERGY_SAMPLES)..];
+        if recent.len() < 2 {
             return None;
         }
-        let f = (ts - self.prev.ts) as f64 / span as f64;
-        Some(self.prev.value + (self.last.value - self.prev.value) * f)
+        let mut r = ReferenceEnergy {
+            samples: [EnergySample::default(); ENERGY_SAMPLES],
+            len: recent.len(),
+        };
+        r.samples[..recent.len()].copy_from_slice(recent);
+        Some(r)
+    }
+
+    /// The samples, oldest first.
+    pub fn samples(&self) -> &[EnergySample] {
+        &self.samples[..self.len]
+    }
+
+    /// The reference's energy at `ts`, interpolated between the two samples around it;
+    /// `None` unless its samples bracket `ts` (oldest ≤ `ts` ≤ newest).
+    pub fn at(&self, ts: i64) -> Option<Interpolated> {
+        let s = self.samples();
+        let i = s.partition_point(|x| x.ts < ts);
+        let hi = s.get(i)?;
+        if hi.ts == ts {
+            return Some(Interpolated {
+                kwh: hi.kwh,
+                bound_kwh: 0.0,
+            });
+        }
+        let lo = s.get(i.checked_sub(1)?)?;
+        let f = (ts - lo.ts) as f64 / (hi.ts - lo.ts) as f64;
+        Some(Interpolated {
+            kwh: lo.kwh + (hi.kwh - lo.kwh) * f,
+            bound_kwh: hi.kwh - lo.kwh,
+        })
     }
 }
 
@@ -428,6 +540,7 @@ pub(crate) fn check_reading(
             &mut state.totalizer,
             "totalizer_l",
             x,
+            None,
             &mut state.present,
             out,
         )
@@ -438,13 +551,11 @@ pub(crate) fn check_reading(
             &mut state.energy,
             "energy_kwh",
             x,
+            state.energy_wrap,
             &mut state.present,
             out,
         );
-        state.energy_prev = match step {
-            seal::Step::Forward(prev) => Some(prev),
-            _ => None,
-        };
+        state.record_energy(ctx.ts, x, matches!(step, seal::Step::Forward(_)));
         step
     });
 
@@ -461,7 +572,7 @@ pub(crate) fn check_reading(
     }
     match device.kind {
         DeviceKind::Scale => {
-            if let Some(r) = drift::zero_r(device, &v, cfg) {
+            if let Some(r) = drift::zero_r(device, &mut state.drift, &v, cfg) {
                 touched.sample(
                     state.drift.get_mut(drift::DriftSource::Zero),
                     ctx.ts,
@@ -1025,19 +1136,38 @@ mod tests {
 
     #[test]
     fn a_meter_as_reference_of_another() {
+        let d = device(DeviceKind::EnergyMeter, Some("1"));
+        let cfg = CheckConfig::default();
         let mut st = DeviceState::default();
         assert_eq!(st.reference_energy(), None);
-        st.energy_prev = Some(Register {
-            seq: 1,
-            ts: 0,
-            value: 10.0,
-        });
-        st.energy = Some(Register {
-            seq: 2,
-            ts: 60_000,
-            value: 11.0,
-        });
-        assert_eq!(st.reference_energy().unwrap().at(30_000), Some(10.5));
+        run(&d, &mut st, &cfg, 1, 0, &[("energy_kwh", n(10.0))]);
+        assert_eq!(st.reference_energy(), None, "one sample brackets nothing");
+        run(&d, &mut st, &cfg, 2, 60_000, &[("energy_kwh", n(11.0))]);
+        let r = st.reference_energy().unwrap();
+        let at = |kwh, bound_kwh| Some(Interpolated { kwh, bound_kwh });
+        assert_eq!(r.at(30_000), at(10.5, 1.0));
+        assert_eq!(r.at(60_000), at(11.0, 0.0));
+        // never extrapolated (until issue #16: 11.5 at 90 s)
+        assert_eq!((r.at(90_000), r.at(-1)), (None, None));
+        // the newest ENERGY_SAMPLES are kept, and saved as [ts, kWh]
+        for k in 3..=20u64 {
+            let kwh = 9.0 + k as f64;
+            let ts = (k as i64 - 1) * 60_000;
+            run(&d, &mut st, &cfg, k, ts, &[("energy_kwh", n(kwh))]);
+        }
+        let r = st.reference_energy().unwrap();
+        assert_eq!(r.samples().len(), ENERGY_SAMPLES);
+        assert_eq!(r.samples()[0], (720_000, 22.0).into());
+        assert_eq!(r.at(1_110_000), at(28.5, 1.0));
+        let json = serde_json::to_string(&st).unwrap();
+        let saved = r#""energy_samples":[[720000,22.0],[780000,23.0],"#;
+        assert!(json.contains(saved), "{json}");
+        let back: DeviceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.energy_samples, st.energy_samples);
+        // a register going back restarts them
+        run(&d, &mut st, &cfg, 21, 1_200_000, &[("energy_kwh", n(5.0))]);
+        assert_eq!(st.reference_energy(), None);
+        assert_eq!(st.energy_samples.len(), 1);
         assert_eq!(status(&st), DriftSummary::default());
     }
 

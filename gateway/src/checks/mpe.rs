@@ -8,7 +8,7 @@ use serde_json::Value as JsonValue;
 
 use super::seal::Step;
 use super::{
-    clear, evidence, flag, num, raise_event, rounded, Ctx, DeviceState, DriftSource,
+    clear, evidence, flag, num, raise_event, rounded, Ctx, DeviceState, DriftSource, EnergySample,
     ReferenceEnergy, Values, Verdict, TIE,
 };
 use crate::domain::{Device, DeviceKind};
@@ -18,6 +18,14 @@ pub(crate) const DEFAULT_DISPENSER_MPE_PCT: f64 = 0.5;
 
 /// Below this volume a dispenser's MPE is that of this volume (DESIGN "Tolerance").
 pub(crate) const DISPENSER_MIN_MPE_VOLUME_L: f64 = 2.0;
+
+/// A `reference_device` comparison is made only when the MPE is at least this many times the
+/// uncertainty of the two advances (DESIGN decision 16: resolution and interpolation under a
+/// tenth of the MPE), so a meter within its class is never out of tolerance by arithmetic.
+pub(crate) const MPE_OVER_UNCERTAINTY: f64 = 10.0;
+
+/// Decimal places looked for in a register value (the agent's scaled counts have at most 9).
+const REGISTER_MAX_DECIMALS: i32 = 9;
 
 /// Accuracy classes of non-automatic weighing instruments, named as OIML R 76 writes them.
 #[allow(clippy::upper_case_acronyms)]
@@ -108,6 +116,35 @@ pub(crate) fn meter_mpe_kwh(class_pct: f64, energy_kwh: f64) -> f64 {
     class_pct / 100.0 * energy_kwh.abs()
 }
 
+/// The step of a register showing `x`, at least: that of its last decimal (0.01 for 1234.56;
+/// 1234.5 reads as 0.1, so take the finest over several samples, [`register_resolution`]);
+/// for an f32 register (`x` the shortest decimal of an f32, as the agent sends it, or no
+/// decimal at all) not finer than the f32 step at the value (0.0078 at 100 000).
+pub(crate) fn register_step(x: f64) -> f64 {
+    let f32_step = {
+        let f = (x as f32).abs();
+        f64::from(f32::from_bits(f.to_bits() + 1) - f)
+    };
+    let decimal = (0..=REGISTER_MAX_DECIMALS).find_map(|d| {
+        let p = 10f64.powi(d);
+        ((x * p).round() / p == x).then(|| 10f64.powi(-d))
+    });
+    match decimal {
+        Some(step) if step >= f32_step => step,
+        Some(step) if (x as f32).to_string().parse::<f64>() != Ok(x) => step,
+        _ => f32_step,
+    }
+}
+
+/// The resolution of the register that gave `samples`: the finest [`register_step`] among
+/// them (a trailing zero in one sample does not make the register coarser).
+pub(crate) fn register_resolution(samples: &[EnergySample]) -> f64 {
+    samples
+        .iter()
+        .map(|s| register_step(s.kwh))
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Whether an error is within the MPE; equal is within.
 pub(crate) fn within(error: f64, mpe: f64) -> bool {
     error.abs() <= mpe * (1.0 + TIE)
@@ -123,13 +160,19 @@ pub struct ToleranceState {
     pub reference_failing: bool,
 }
 
-/// Start of a `reference_device` comparison: both meters' energy at one instant.
+/// An end of a `reference_device` comparison: both meters' energy at one of this meter's
+/// sample instants.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReferenceAnchor {
     pub ts: i64,
     pub own_kwh: f64,
-    /// The reference meter's energy at `ts`, interpolated.
+    /// The reference meter's energy at `ts`, interpolated between two of its samples.
     pub reference_kwh: f64,
+    /// Uncertainty of this end, kWh: the interpolation bound plus both registers'
+    /// resolution. `None` in an anchor saved before decision 16 (possibly extrapolated, no
+    /// bound): such an anchor is taken again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertainty_kwh: Option<f64>,
 }
 
 /// One comparison of a measured quantity with its reference.
@@ -144,6 +187,8 @@ pub(super) struct Comparison {
     pub(super) unit: &'static str,
     /// Start of the interval compared (`reference_device` comparisons).
     pub(super) since: Option<i64>,
+    /// Uncertainty of measured − reference, same unit (`reference_device` comparisons).
+    pub(super) uncertainty: Option<f64>,
 }
 
 /// The check reading in `v`, if it is one: scale `check_ref_kg` against the indication (gross,
@@ -172,6 +217,7 @@ pub(super) fn span_comparison(device: &Device, v: &Values) -> Option<Comparison>
                 mpe: scale_mpe_kg(ScaleClass::parse(class?)?, device.e?, reference, true),
                 unit: "kg",
                 since: None,
+                uncertainty: None,
             }
         }
         DeviceKind::Dispenser => {
@@ -185,6 +231,7 @@ pub(super) fn span_comparison(device: &Device, v: &Values) -> Option<Comparison>
                 mpe: dispenser_mpe_l(dispenser_mpe_pct(device), reference),
                 unit: "L",
                 since: None,
+                uncertainty: None,
             }
         }
         DeviceKind::EnergyMeter => {
@@ -198,6 +245,7 @@ pub(super) fn span_comparison(device: &Device, v: &Values) -> Option<Comparison>
                 mpe: meter_mpe_kwh(meter_class_pct(class?)?, reference),
                 unit: "kWh",
                 since: None,
+                uncertainty: None,
             }
         }
         DeviceKind::Other => return None,
@@ -205,10 +253,17 @@ pub(super) fn span_comparison(device: &Device, v: &Values) -> Option<Comparison>
     Some(c)
 }
 
-/// The `reference_device` comparison (DESIGN decision 3): this meter's energy advance against
-/// the reference's over the same interval, once the reference has advanced by
-/// `reference_min_kwh`. The interval starts at an anchor taken at one of this meter's readings
-/// with the reference's energy interpolated to that instant; a register going back restarts it.
+/// The `reference_device` comparison (DESIGN decisions 3, 16): this meter's energy advance
+/// against the reference's over the same interval. Both ends are instants of this meter's own
+/// samples that the reference's samples bracket, with the reference's energy interpolated
+/// there, never extrapolated. When the reference is behind (polled later, its batch not in
+/// yet) the end is the newest of this meter's samples it does bracket, so the interval closes
+/// a little later and nothing but the samples is remembered; a reference more than
+/// [`super::ENERGY_SAMPLES`] of this meter's samples behind closes it at a later reading.
+/// Each end carries its uncertainty (the interpolation bound plus both registers'
+/// resolution); the comparison is made once the reference advanced `reference_min_kwh` and
+/// the MPE is [`MPE_OVER_UNCERTAINTY`] times the two ends' uncertainty, and its end starts the
+/// next. A register going back restarts the interval.
 pub(super) fn reference_comparison(
     ctx: &Ctx<'_>,
     state: &mut DeviceState,
@@ -216,40 +271,68 @@ pub(super) fn reference_comparison(
     energy: Option<Step>,
     reference: Option<ReferenceEnergy>,
 ) -> Option<Comparison> {
-    let own = v.energy_kwh?;
+    v.energy_kwh?;
     if matches!(energy, Some(Step::Backward(_))) {
         state.reference_anchor = None;
         return None;
     }
-    let ref_now = reference?.at(ctx.ts)?;
+    let reference = reference?;
     let pct = meter_class_pct(ctx.device.accuracy_class.as_deref()?)?;
-    let here = ReferenceAnchor {
-        ts: ctx.ts,
-        own_kwh: own,
-        reference_kwh: ref_now,
+    let end = bracketed_end(&state.energy_samples, &reference)?;
+    let (from, from_uncertainty) = match state.reference_anchor {
+        Some(
+            a @ ReferenceAnchor {
+                uncertainty_kwh: Some(u),
+                ..
+            },
+        ) if a.ts <= end.ts => (a, u),
+        _ => {
+            state.reference_anchor = Some(end);
+            return None;
+        }
     };
-    let Some(from) = state.reference_anchor else {
-        state.reference_anchor = Some(here);
-        return None;
-    };
-    let (own_adv, ref_adv) = (own - from.own_kwh, ref_now - from.reference_kwh);
+    let (own_adv, ref_adv) = (
+        end.own_kwh - from.own_kwh,
+        end.reference_kwh - from.reference_kwh,
+    );
     if own_adv < 0.0 || ref_adv < 0.0 {
-        state.reference_anchor = Some(here);
+        state.reference_anchor = Some(end);
         return None;
     }
-    if ref_adv < ctx.cfg.reference_min_kwh {
+    let uncertainty = from_uncertainty + end.uncertainty_kwh.unwrap_or(f64::NAN);
+    let mpe = meter_mpe_kwh(pct, ref_adv);
+    // false too for an uncertainty that is not a number
+    let resolved = mpe >= MPE_OVER_UNCERTAINTY * uncertainty;
+    if ref_adv < ctx.cfg.reference_min_kwh || !resolved {
         return None;
     }
-    state.reference_anchor = Some(here);
+    state.reference_anchor = Some(end);
     Some(Comparison {
         source: DriftSource::Reference,
         what: "energy advance against the reference meter",
         measured_name: "energy_kwh",
         measured: own_adv,
         reference: ref_adv,
-        mpe: meter_mpe_kwh(pct, ref_adv),
+        mpe,
         unit: "kWh",
         since: Some(from.ts),
+        uncertainty: Some(uncertainty),
+    })
+}
+
+/// The newest of this meter's samples `own` that the reference's samples bracket, as an end
+/// of a comparison.
+fn bracketed_end(own: &[EnergySample], reference: &ReferenceEnergy) -> Option<ReferenceAnchor> {
+    let (s, r) = own
+        .iter()
+        .rev()
+        .find_map(|s| reference.at(s.ts).map(|r| (s, r)))?;
+    let resolution = register_resolution(own) + register_resolution(reference.samples());
+    Some(ReferenceAnchor {
+        ts: s.ts,
+        own_kwh: s.kwh,
+        reference_kwh: r.kwh,
+        uncertainty_kwh: Some(r.bound_kwh + resolution),
     })
 }
 
@@ -288,6 +371,9 @@ pub(super) fn judge(
             ("r", num(error / c.mpe, 4)),
             ("unit", JsonValue::from(unit)),
         ]);
+        if let Some(u) = c.uncertainty {
+            ev.insert("uncertainty".into(), num(u, 9));
+        }
         if let Some(since) = c.since {
             ev.insert("since".into(), JsonValue::from(since));
             if let Some(id) = &ctx.device.reference_device {
@@ -318,7 +404,7 @@ mod tests {
     use calwatch_protocol::{AlertKind, Severity};
 
     use super::super::fixtures::*;
-    use super::super::{CheckConfig, DeviceState, Register, Verdict};
+    use super::super::{CheckConfig, DeviceState, Verdict};
     use super::*;
 
     fn close(a: f64, b: f64) -> bool {
@@ -499,41 +585,93 @@ mod tests {
     }
 
     #[test]
+    fn register_steps() {
+        // a 2-decimal register; a trailing zero reads coarser, the finest sample decides
+        assert!(close(register_step(1234.56), 0.01));
+        assert!(close(register_step(1234.5), 0.1));
+        assert!(close(register_step(1234.0), 1.0));
+        let samples = |xs: &[f64]| -> Vec<EnergySample> {
+            xs.iter()
+                .enumerate()
+                .map(|(i, &kwh)| EnergySample { ts: i as i64, kwh })
+                .collect()
+        };
+        assert!(close(
+            register_resolution(&samples(&[1234.5, 1234.56])),
+            0.01
+        ));
+        // an f32 register as the agent sends it (its shortest decimal): not finer than the
+        // f32 step, 1/128 at 100 000 ("100000.016")
+        let f32_value: f64 = (100_000.0f32 + 1.0 / 64.0).to_string().parse().unwrap();
+        assert_eq!(f32_value, 100_000.016);
+        assert!(close(register_step(f32_value), 1.0 / 128.0), "{f32_value}");
+        assert!(close(register_step(100_000.01), 0.01));
+        let f32_value: f64 = (2_000_000.0f32 + 0.25).to_string().parse().unwrap();
+        assert!(close(register_step(f32_value), 0.125), "{f32_value}");
+        // a scaled count of 0.01 kWh far above f32 precision keeps its 0.01
+        assert!(close(register_step(1_000_000.01), 0.01));
+        // no decimal pattern (a scaled float): the f32 step at the value
+        assert!(close(register_step(1_234.567_890_123_4), 1.0 / 8192.0));
+    }
+
+    /// DESIGN decision 16: ends bracketed by the reference's samples, never extrapolated; a
+    /// comparison only once the MPE is ten times the uncertainty. (Until issue #16 this test
+    /// passed two-sample references extrapolated one interval ahead, compared after 10 kWh.)
+    #[test]
     fn reference_device_energy_advance() {
         let cfg = CheckConfig::default();
         let mut d = device(DeviceKind::EnergyMeter, Some("1"));
         d.certificates
             .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
         let mut st = DeviceState::default();
-        let reference = |t0: i64, e0: f64, t1: i64, e1: f64| ReferenceEnergy {
-            prev: Register {
-                seq: 1,
-                ts: t0,
-                value: e0,
-            },
-            last: Register {
-                seq: 2,
-                ts: t1,
-                value: e1,
-            },
+        let reference = |samples: &[(i64, f64)]| {
+            let s: Vec<EnergySample> = samples.iter().map(|&x| x.into()).collect();
+            ReferenceEnergy::new(&s)
         };
         let e = |x: f64| [("energy_kwh", n(x))];
-        // the anchor: reference 1000 kWh at t = 30 s (interpolated halfway)
-        let r0 = reference(0, 990.0, 60_000, 1010.0);
-        assert_eq!(r0.at(30_000), Some(1000.0));
-        assert_eq!(r0.at(120_000), Some(1030.0));
-        assert_eq!(r0.at(120_001), None);
-        assert!(run_ref(&d, &mut st, &cfg, 1, 30_000, &e(500.0), Some(r0)).is_empty());
-        // reference advanced 5 kWh only: not yet compared
-        let r1 = reference(0, 1000.0, 60_000, 1005.0);
-        assert!(run_ref(&d, &mut st, &cfg, 2, 60_000, &e(505.0 + 1.0), Some(r1)).is_empty());
-        assert!(st.reference_anchor.is_some_and(|a| a.ts == 30_000));
-        // reference +100 kWh, this meter +101 kWh: error 1 kWh = MPE (1 %): within
-        let r2 = reference(3_000_000, 1090.0, 3_600_000, 1100.0);
-        assert!(run_ref(&d, &mut st, &cfg, 3, 3_600_000, &e(601.0), Some(r2)).is_empty());
-        // next: reference +100, this meter +102: out of tolerance
-        let r3 = reference(7_000_000, 1190.0, 7_200_000, 1200.0);
-        let v = run_ref(&d, &mut st, &cfg, 4, 7_200_000, &e(703.0), Some(r3));
+        let comparisons = |st: &DeviceState| {
+            st.drift
+                .get(crate::checks::DriftSource::Reference)
+                .comparisons
+        };
+        // the anchor at 30 s: the reference 1000.515 kWh, halfway between its samples; the
+        // interpolation bound is that minute's 1.01 kWh, plus 0.01 kWh for each register
+        let r0 = reference(&[(0, 1000.01), (60_000, 1001.02)]);
+        assert_eq!(r0.unwrap().at(90_000), None, "never extrapolated");
+        assert!(run_ref(&d, &mut st, &cfg, 1, 30_000, &e(500.03), r0).is_empty());
+        let a = st.reference_anchor.unwrap();
+        assert_eq!((a.ts, a.own_kwh), (30_000, 500.03));
+        assert!(close(a.reference_kwh, 1000.515));
+        assert!(close(a.uncertainty_kwh.unwrap(), 1.03));
+        // the reference behind (no sample at or after 90 s yet): the interval waits
+        assert!(run_ref(&d, &mut st, &cfg, 2, 90_000, &e(501.04), r0).is_empty());
+        assert_eq!(st.reference_anchor, Some(a));
+        // an hour on, +59.5 kWh: MPE 0.59 kWh is under 10 × 1.05 kWh of uncertainty: not
+        // compared (the old rule compared from 10 kWh)
+        let r1 = reference(&[(3_540_000, 1059.01), (3_600_000, 1060.01)]);
+        assert!(run_ref(&d, &mut st, &cfg, 3, 3_600_000, &e(560.03), r1).is_empty());
+        assert_eq!(comparisons(&st), 0);
+        // 40 h on: the reference's samples end a minute before this reading: nothing
+        let r2 = reference(&[(143_880_000, 2998.52), (143_940_000, 2999.52)]);
+        let t2 = 144_000_000;
+        assert!(run_ref(&d, &mut st, &cfg, 4, t2, &e(2520.03), r2).is_empty());
+        // a minute later the reference has caught up to 30 s before this reading: the end is
+        // the previous reading, on a reference sample: +2000.005 kWh against +2020 kWh,
+        // error 19.995 within the MPE 20.00005 (≥ 10 × 1.05 uncertainty)
+        let r3 = reference(&[
+            (143_940_000, 2999.52),
+            (t2, 3000.52),
+            (t2 + 30_000, 3001.02),
+        ]);
+        let v = run_ref(&d, &mut st, &cfg, 5, t2 + 60_000, &e(2521.04), r3);
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(comparisons(&st), 1);
+        let a = st.reference_anchor.unwrap();
+        assert_eq!((a.ts, a.own_kwh, a.reference_kwh), (t2, 2520.03, 3000.52));
+        // 10 h on, +600 kWh against +612.01: error 12.01 beyond the MPE 6: out of tolerance
+        let t3 = t2 + 36_000_000;
+        let r4 = reference(&[(t3 - 60_000, 3599.52), (t3, 3600.52)]);
+        let v = run_ref(&d, &mut st, &cfg, 6, t3, &e(3132.04), r4);
         assert_eq!(
             raised(&v),
             [(AlertKind::OutOfTolerance, Severity::Critical)]
@@ -542,18 +680,16 @@ mod tests {
             panic!()
         };
         assert_eq!(evidence["source"], "reference");
-        assert_eq!(evidence["reference"], 100.0);
-        assert_eq!(evidence["error"], 2.0);
-        assert_eq!(evidence["since"], 3_600_000);
+        assert_eq!(evidence["reference"], 600.0);
+        assert_eq!(evidence["error"], 12.01);
+        assert_eq!(evidence["mpe"], 6.0);
+        assert_eq!(evidence["uncertainty"], 0.04);
+        assert_eq!(evidence["since"], t2);
         assert_eq!(evidence["reference_device"], "REF-1");
-        // the reference's readings too old for this instant: no comparison
-        let v = run_ref(&d, &mut st, &cfg, 5, 9_000_000, &e(800.0), Some(r3));
-        assert!(v.is_empty(), "{v:?}");
-        assert_eq!(
-            st.drift
-                .get(crate::checks::DriftSource::Reference)
-                .comparisons,
-            2
-        );
+        assert_eq!(comparisons(&st), 2);
+        // the register going back restarts the interval
+        let r5 = reference(&[(t3, 3600.52), (t3 + 60_000, 3601.52)]);
+        run_ref(&d, &mut st, &cfg, 7, t3 + 60_000, &e(3000.01), r5);
+        assert_eq!(st.reference_anchor, None);
     }
 }

@@ -126,6 +126,28 @@ fn describe(
     )
 }
 
+/// Takes what the checks need from the identity data an agent reports for a device: the
+/// modulus its energy register wraps at (DESIGN decision 17). A modulus that is not a
+/// positive number is none. Returns whether the state changed (so it is saved).
+pub(crate) fn apply_device_info(
+    state: &mut DeviceState,
+    info: &calwatch_protocol::DeviceInfo,
+) -> bool {
+    let wrap = info.wrap.filter(|m| m.is_finite() && *m > 0.0);
+    let changed = state.energy_wrap != wrap;
+    state.energy_wrap = wrap;
+    changed
+}
+
+/// The advance of a register that wraps at `modulus` (DESIGN decision 17) when it went from
+/// `prev` to the lower `value`: `value + modulus - prev`, if that is a wrap — the step back is
+/// more than half the modulus (an advance of less than half of it carried the register past
+/// the modulus) and both samples are within `0..=modulus`. `None`: not a wrap, a rollback.
+pub(super) fn wrapped_advance(prev: f64, value: f64, modulus: f64) -> Option<f64> {
+    let wrapped = value < prev && prev - value > modulus / 2.0 && value >= 0.0 && prev <= modulus;
+    wrapped.then_some(value + modulus - prev)
+}
+
 /// How a cumulative register moved.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Step {
@@ -135,15 +157,20 @@ pub(super) enum Step {
     Forward(Register),
     /// Lower than the previous sample: `counter_rollback` was raised.
     Backward(Register),
+    /// Lower than the previous sample, as a register wrapping at its declared modulus goes
+    /// ([`wrapped_advance`]): no rollback, and no advance to compare either.
+    Wrapped(Register),
 }
 
 /// Records a sample of a register that must never decrease; going back raises
-/// `counter_rollback` (critical), latched until the next passing verification.
+/// `counter_rollback` (critical), latched until the next passing verification — unless the
+/// register wraps at `wrap` and the step back is a wrap (DESIGN decision 17).
 pub(super) fn advance(
     ctx: &Ctx<'_>,
     slot: &mut Option<Register>,
     name: &str,
     value: f64,
+    wrap: Option<f64>,
     present: &mut Presence,
     out: &mut Vec<Verdict>,
 ) -> Step {
@@ -154,6 +181,13 @@ pub(super) fn advance(
     };
     match slot.replace(now) {
         None => Step::First,
+        Some(prev)
+            if wrap
+                .and_then(|m| wrapped_advance(prev.value, value, m))
+                .is_some() =>
+        {
+            Step::Wrapped(prev)
+        }
         Some(prev) if value < prev.value => {
             raise_event(
                 present,
@@ -183,6 +217,7 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::super::{CheckConfig, DeviceState, Verdict};
+    use super::{apply_device_info, wrapped_advance};
     use crate::domain::DeviceKind;
 
     #[test]
@@ -354,5 +389,77 @@ mod tests {
             raised(&v),
             [(AlertKind::CounterRollback, Severity::Critical)]
         );
+    }
+
+    /// A 6-digit kWh register (one decimal) steps from 999999.9 to 0.4 (decision 17).
+    fn six_digit_register(wrap: Option<f64>, from: f64, to: f64) -> Vec<Verdict> {
+        let mut d = device(DeviceKind::EnergyMeter, Some("1"));
+        d.certificates
+            .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
+        let cfg = CheckConfig::default();
+        let mut st = DeviceState::default();
+        let info = calwatch_protocol::DeviceInfo {
+            wrap,
+            ..Default::default()
+        };
+        assert_eq!(apply_device_info(&mut st, &info), wrap.is_some());
+        let e = |x: f64| [("energy_kwh", n(x))];
+        assert!(run(&d, &mut st, &cfg, 1, 1000, &e(from)).is_empty());
+        run(&d, &mut st, &cfg, 2, 2000, &e(to))
+    }
+
+    #[test]
+    fn a_register_wrapping_at_its_declared_modulus_is_no_rollback() {
+        assert_eq!(six_digit_register(Some(1e6), 999_999.9, 0.4), []);
+        // Without the declared modulus the same step is a rollback.
+        assert_eq!(
+            raised(&six_digit_register(None, 999_999.9, 0.4)),
+            [(AlertKind::CounterRollback, Severity::Critical)]
+        );
+        // A real step back near the modulus still is one: less than half of it.
+        assert_eq!(
+            raised(&six_digit_register(Some(1e6), 500_000.0, 400_000.0)),
+            [(AlertKind::CounterRollback, Severity::Critical)]
+        );
+        assert_eq!(
+            raised(&six_digit_register(Some(1e6), 999_999.9, 999_999.0)),
+            [(AlertKind::CounterRollback, Severity::Critical)]
+        );
+        // A previous value beyond the modulus cannot come from a register wrapping there.
+        assert_eq!(
+            raised(&six_digit_register(Some(1e6), 1_500_000.0, 0.4)),
+            [(AlertKind::CounterRollback, Severity::Critical)]
+        );
+        // The advance across the wrap is current + modulus - previous.
+        let adv = wrapped_advance(999_999.9, 0.4, 1e6).unwrap();
+        assert!((adv - 0.5).abs() < 1e-6, "{adv}");
+        assert_eq!(wrapped_advance(500_000.0, 400_000.0, 1e6), None);
+    }
+
+    #[test]
+    fn device_info_sets_the_wrap_and_says_when_it_changed() {
+        let mut st = DeviceState::default();
+        let info = |wrap| calwatch_protocol::DeviceInfo {
+            wrap,
+            ..Default::default()
+        };
+        assert!(!apply_device_info(&mut st, &info(None)));
+        assert!(apply_device_info(&mut st, &info(Some(1e6))));
+        assert_eq!(st.energy_wrap, Some(1e6));
+        assert!(!apply_device_info(&mut st, &info(Some(1e6))));
+        // A modulus that cannot be one is no modulus.
+        assert!(apply_device_info(&mut st, &info(Some(-5.0))));
+        assert_eq!(st.energy_wrap, None);
+        assert!(apply_device_info(&mut st, &info(Some(1e5))));
+        // A profile without `wrap` any more: the register no longer wraps.
+        assert!(apply_device_info(&mut st, &info(None)));
+        assert_eq!(st.energy_wrap, None);
+        // Saved with the state, absent from older saved states.
+        st.energy_wrap = Some(1e6);
+        let json = serde_json::to_string(&st).unwrap();
+        let back: DeviceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.energy_wrap, Some(1e6));
+        let old: DeviceState = serde_json::from_str("{}").unwrap();
+        assert_eq!(old.energy_wrap, None);
     }
 }

@@ -8,7 +8,7 @@ use calwatch_protocol::{AlertKind, Severity};
 use serde_json::{Map, Value as JsonValue};
 
 use super::{clear, evidence, num, raise_condition, CheckConfig, Presence, Verdict, DAY_MS};
-use crate::domain::civil::format_date;
+use crate::domain::civil::Zone;
 use crate::domain::{Device, VState};
 
 /// The kinds of the window family; at most one of them is present.
@@ -62,7 +62,7 @@ pub(super) fn judge(
     }
     if let Some((kind, severity)) = cond {
         raise_condition(present, kind, severity, at, cfg, false, out, || {
-            describe(device, vstate, at, in_use)
+            describe(device, vstate, at, in_use, &cfg.timezone)
         });
     }
 }
@@ -72,6 +72,7 @@ fn describe(
     vstate: VState,
     at: i64,
     in_use: bool,
+    zone: &Zone,
 ) -> (String, Map<String, JsonValue>) {
     let use_prefix = if in_use { "in use " } else { "" };
     let Some(cert) = device.certificate_at(at) else {
@@ -85,9 +86,10 @@ fn describe(
         );
     };
     let name = cert.certificate.as_str();
-    // `valid_until` is the first instant no longer valid: the last valid day is the one before.
+    // `valid_until` is the first instant no longer valid: the last valid day is the one before,
+    // a day in the configured zone (decision 18) like the dates of the certificate.
     let until = cert.valid_until.unwrap_or(i64::MAX);
-    let last_day = format_date(until.saturating_sub(1));
+    let last_day = zone.format_date(until.saturating_sub(1));
     let days = (until.saturating_sub(at)) as f64 / DAY_MS as f64;
     let cert_evidence = |extra: (&str, JsonValue)| {
         evidence([
@@ -112,7 +114,7 @@ fn describe(
         _ => (
             format!(
                 "{use_prefix}after failed verification {name} of {}",
-                format_date(cert.verified_at)
+                zone.format_date(cert.verified_at)
             ),
             evidence([
                 ("certificate", JsonValue::from(name)),
@@ -131,14 +133,16 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::super::{sweep, CheckConfig, DeviceState, Verdict};
-    use crate::domain::civil::parse_iso8601;
+    use crate::domain::civil::{parse_iso8601, Zone};
     use crate::domain::DeviceKind;
 
     /// A scale verified 2025-03-01, valid until 2026-02-28 (through the end of that day).
     fn scale() -> (crate::domain::Device, i64) {
         let mut d = device(DeviceKind::Scale, Some("III"));
-        let from = parse_iso8601("2025-03-01").unwrap().start_ms();
-        let until = parse_iso8601("2026-02-28").unwrap().end_exclusive_ms();
+        let from = parse_iso8601("2025-03-01").unwrap().start_ms(&Zone::utc());
+        let until = parse_iso8601("2026-02-28")
+            .unwrap()
+            .end_exclusive_ms(&Zone::utc());
         d.certificates
             .push(cert("C-1", from, Some(until), true, None, None));
         (d, until)
@@ -273,5 +277,67 @@ mod tests {
         out.clear();
         sweep(&bare, &mut st, until, false, &cfg, &mut out);
         assert_eq!(raised(&out), [(AlertKind::Unverified, Severity::Warning)]);
+    }
+
+    fn instant(s: &str) -> i64 {
+        parse_iso8601(s).unwrap().start_ms(&Zone::utc())
+    }
+
+    /// The message of the first raise among `v`.
+    fn message(v: &[Verdict]) -> &str {
+        v.iter()
+            .find_map(|v| match v {
+                Verdict::Raise { message, .. } => Some(message.as_str()),
+                Verdict::Clear { .. } => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn dates_print_as_days_of_the_configured_zone() {
+        let w: [(&str, calwatch_protocol::Value); 0] = [];
+        // New York (UTC-5 in winter): the last valid instant of 2026-02-28 there is
+        // 2026-03-01T04:59:59.999Z, a UTC day later.
+        let new_york = Zone::named("America/New_York").unwrap();
+        let cfg = CheckConfig {
+            timezone: new_york,
+            ..CheckConfig::default()
+        };
+        let mut d = device(DeviceKind::Scale, Some("III"));
+        let from = instant("2025-03-01T05:00:00Z");
+        let until = instant("2026-03-01T05:00:00Z");
+        d.certificates
+            .push(cert("C-1", from, Some(until), true, None, None));
+        let mut st = DeviceState::default();
+        let v = run(&d, &mut st, &cfg, 1, until, &w);
+        assert_eq!(raised(&v), [(AlertKind::Overdue, Severity::Critical)]);
+        assert_eq!(
+            message(&v),
+            "in use with verification overdue: C-1 valid until 2026-02-28"
+        );
+        let Verdict::Raise { evidence, .. } = &v[0] else {
+            panic!()
+        };
+        assert_eq!(evidence["valid_until"], "2026-02-28");
+        // Shanghai (UTC+8): a failed verification of 2026-03-01 there began at
+        // 2026-02-28T16:00Z, still 2026-02-28 in UTC.
+        let shanghai = Zone::named("Asia/Shanghai").unwrap();
+        let cfg = CheckConfig {
+            timezone: shanghai,
+            ..CheckConfig::default()
+        };
+        let failed_at = instant("2026-02-28T16:00:00Z");
+        d.certificates
+            .push(cert("C-2", failed_at, None, false, None, None));
+        let mut st = DeviceState::default();
+        let v = run(&d, &mut st, &cfg, 1, failed_at, &w);
+        assert_eq!(
+            raised(&v),
+            [(AlertKind::FailedVerification, Severity::Critical)]
+        );
+        assert_eq!(
+            message(&v),
+            "in use after failed verification C-2 of 2026-03-01"
+        );
     }
 }

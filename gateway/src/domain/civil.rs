@@ -1,4 +1,6 @@
-//! Calendar arithmetic for certificate dates (UTC), without a date-time dependency.
+//! Calendar arithmetic for certificate dates. A date-only date is a day in the gateway's
+//! [`Zone`] (`[checks] timezone`, DESIGN decision 18; default UTC); a full timestamp is an
+//! instant whatever the zone.
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
@@ -34,28 +36,117 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// The time zone whose days the date-only certificate dates are (`[checks] timezone`, DESIGN
+/// decision 18): an IANA name such as `Asia/Shanghai`, with its rules bundled in the binary;
+/// UTC by default. A day in it may be 23 or 25 hours long (daylight saving time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zone(jiff::tz::TimeZone);
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone::utc()
+    }
+}
+
+impl Zone {
+    pub fn utc() -> Zone {
+        Zone(jiff::tz::TimeZone::UTC)
+    }
+
+    /// The zone of an IANA name (case-insensitive, e.g. `Asia/Shanghai`, `Europe/Berlin`, `UTC`).
+    pub fn named(name: &str) -> Result<Zone, String> {
+        match jiff::tz::db().get(name) {
+            Ok(tz) if !tz.is_unknown() => Ok(Zone(tz)),
+            _ => Err(format!(
+                "unknown time zone {name:?} (expected an IANA name such as \"UTC\", \"Asia/Shanghai\" or \"Europe/Berlin\")"
+            )),
+        }
+    }
+
+    /// Its IANA name (`UTC` for the default).
+    pub fn name(&self) -> &str {
+        self.0.iana_name().unwrap_or("UTC")
+    }
+
+    fn is_utc(&self) -> bool {
+        self.0 == jiff::tz::TimeZone::UTC
+    }
+
+    /// The first millisecond of day `day` (days since 1970-01-01) in this zone: local
+    /// midnight, or the first instant after it when a clock change skips midnight. Outside
+    /// the years the zone rules cover (around ±9999) the day is taken as a UTC day.
+    fn day_start_ms(&self, day: i64) -> i64 {
+        let utc = day.saturating_mul(DAY_MS);
+        if self.is_utc() {
+            return utc;
+        }
+        let (y, m, d) = civil_from_days(day);
+        i16::try_from(y)
+            .ok()
+            .and_then(|y| jiff::civil::Date::new(y, m as i8, d as i8).ok())
+            .and_then(|date| date.to_zoned_datetime(self.0.clone()).ok())
+            .map_or(utc, |z| z.timestamp().as_millisecond())
+    }
+
+    /// `YYYY-MM-DD` of the day in this zone that holds a Unix ms instant.
+    pub fn format_date(&self, ms: i64) -> String {
+        if self.is_utc() {
+            return format_date(ms);
+        }
+        match jiff::Timestamp::from_millisecond(ms) {
+            Ok(ts) => {
+                let d = self.0.to_datetime(ts).date();
+                format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day())
+            }
+            Err(_) => format_date(ms),
+        }
+    }
+}
+
+impl std::fmt::Display for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Zone {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Zone {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Zone, D::Error> {
+        let name = String::deserialize(d)?;
+        Zone::named(&name).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A parsed ISO 8601 date or timestamp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DateOrTime {
-    /// A calendar day: the day's first millisecond (UTC).
+    /// A calendar day, as days since 1970-01-01: which instants it covers depends on the
+    /// [`Zone`].
     Date(i64),
     /// An instant, in Unix ms.
     Instant(i64),
 }
 
 impl DateOrTime {
-    /// The first millisecond it covers.
-    pub(crate) fn start_ms(self) -> i64 {
+    /// The first millisecond it covers: a date-only `verified_at` starts at the beginning of
+    /// that day in `zone`.
+    pub(crate) fn start_ms(self, zone: &Zone) -> i64 {
         match self {
-            DateOrTime::Date(ms) | DateOrTime::Instant(ms) => ms,
+            DateOrTime::Date(day) => zone.day_start_ms(day),
+            DateOrTime::Instant(ms) => ms,
         }
     }
 
     /// The first millisecond after it: a date-only `valid_until` is valid through the end of
-    /// that day (DESIGN decision 2).
-    pub(crate) fn end_exclusive_ms(self) -> i64 {
+    /// that day in `zone` (DESIGN decisions 2, 18), so this is the next local midnight.
+    pub(crate) fn end_exclusive_ms(self, zone: &Zone) -> i64 {
         match self {
-            DateOrTime::Date(ms) => ms + DAY_MS,
+            DateOrTime::Date(day) => zone.day_start_ms(day + 1),
             DateOrTime::Instant(ms) => ms,
         }
     }
@@ -86,9 +177,10 @@ pub(crate) fn parse_iso8601(s: &str) -> Result<DateOrTime, String> {
     if !(1..=12).contains(&m) || d == 0 || d > days_in_month(i64::from(y), m) {
         return Err(bad("no such day"));
     }
-    let day_ms = days_from_civil(i64::from(y), m, d) * DAY_MS;
+    let day = days_from_civil(i64::from(y), m, d);
+    let day_ms = day * DAY_MS;
     let Some(time) = time else {
-        return Ok(DateOrTime::Date(day_ms));
+        return Ok(DateOrTime::Date(day));
     };
     let (clock, offset_ms) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
         (c, 0)
@@ -181,12 +273,13 @@ mod tests {
     #[test]
     fn dates_and_instants() {
         assert_eq!(parse_iso8601("1970-01-01").unwrap(), DateOrTime::Date(0));
+        let utc = Zone::default();
         assert_eq!(
-            parse_iso8601("2026-03-01").unwrap().start_ms(),
+            parse_iso8601("2026-03-01").unwrap().start_ms(&utc),
             1_772_323_200_000
         );
         assert_eq!(
-            parse_iso8601("2026-03-01").unwrap().end_exclusive_ms(),
+            parse_iso8601("2026-03-01").unwrap().end_exclusive_ms(&utc),
             1_772_409_600_000
         );
         assert_eq!(
@@ -198,7 +291,7 @@ mod tests {
             DateOrTime::Instant(1_764_421_200_000)
         );
         assert_eq!(
-            parse_iso8601("2024-02-29").unwrap().start_ms(),
+            parse_iso8601("2024-02-29").unwrap().start_ms(&utc),
             1_709_164_800_000
         );
         for bad in [
@@ -225,5 +318,97 @@ mod tests {
             format_timestamp(1_764_421_200_123),
             "2025-11-29T13:00:00.123Z"
         );
+    }
+
+    /// Unix ms of an RFC 3339 timestamp, for readable expectations.
+    fn at(s: &str) -> i64 {
+        match parse_iso8601(s).unwrap() {
+            DateOrTime::Instant(ms) => ms,
+            DateOrTime::Date(_) => panic!("{s} is a date"),
+        }
+    }
+
+    #[test]
+    fn date_only_dates_are_days_in_the_zone() {
+        let shanghai = Zone::named("Asia/Shanghai").unwrap();
+        let feb28 = parse_iso8601("2026-02-28").unwrap();
+        // UTC+8 all year: the day runs from 16:00Z the day before to 16:00Z.
+        assert_eq!(feb28.start_ms(&shanghai), at("2026-02-27T16:00:00Z"));
+        assert_eq!(
+            feb28.end_exclusive_ms(&shanghai),
+            at("2026-02-28T16:00:00Z")
+        );
+        assert_eq!(
+            feb28.end_exclusive_ms(&Zone::utc()),
+            at("2026-03-01T00:00:00Z")
+        );
+        // a full timestamp keeps its own meaning whatever the zone
+        let t = parse_iso8601("2026-02-28T10:00:00+02:00").unwrap();
+        assert_eq!(t.start_ms(&shanghai), at("2026-02-28T08:00:00Z"));
+        assert_eq!(t.end_exclusive_ms(&shanghai), at("2026-02-28T08:00:00Z"));
+        assert_eq!(
+            shanghai.format_date(at("2026-02-28T15:59:59.999Z")),
+            "2026-02-28"
+        );
+        assert_eq!(
+            shanghai.format_date(at("2026-02-28T16:00:00Z")),
+            "2026-03-01"
+        );
+        assert_eq!(
+            Zone::utc().format_date(at("2026-02-28T16:00:00Z")),
+            "2026-02-28"
+        );
+        assert_eq!(shanghai.name(), "Asia/Shanghai");
+        assert_eq!(Zone::default().name(), "UTC");
+    }
+
+    #[test]
+    fn days_of_23_and_25_hours_under_daylight_saving_time() {
+        let berlin = Zone::named("Europe/Berlin").unwrap();
+        let spring = parse_iso8601("2026-03-29").unwrap();
+        assert_eq!(spring.start_ms(&berlin), at("2026-03-28T23:00:00Z"));
+        assert_eq!(spring.end_exclusive_ms(&berlin), at("2026-03-29T22:00:00Z"));
+        assert_eq!(
+            spring.end_exclusive_ms(&berlin) - spring.start_ms(&berlin),
+            23 * 3_600_000
+        );
+        let autumn = parse_iso8601("2026-10-25").unwrap();
+        assert_eq!(
+            autumn.end_exclusive_ms(&berlin) - autumn.start_ms(&berlin),
+            25 * 3_600_000
+        );
+        assert_eq!(
+            berlin.format_date(at("2026-03-29T21:59:59.999Z")),
+            "2026-03-29"
+        );
+        assert_eq!(berlin.format_date(at("2026-03-29T22:00:00Z")), "2026-03-30");
+        // São Paulo 2018-11-04: clocks went from 00:00 to 01:00, so the day began at 01:00
+        // local (03:00Z), the first instant it had.
+        let sao_paulo = Zone::named("America/Sao_Paulo").unwrap();
+        let skipped = parse_iso8601("2018-11-04").unwrap();
+        assert_eq!(skipped.start_ms(&sao_paulo), at("2018-11-04T03:00:00Z"));
+    }
+
+    #[test]
+    fn zone_names() {
+        assert_eq!(Zone::named("utc").unwrap(), Zone::utc());
+        assert_eq!(
+            Zone::named("asia/shanghai").unwrap().name(),
+            "Asia/Shanghai"
+        );
+        for bad in ["Asia/Shanghia", "Mars/Olympus", "", "+08:00", "Etc/Unknown"] {
+            let err = Zone::named(bad).unwrap_err();
+            assert!(err.contains("unknown time zone"), "{bad}: {err}");
+        }
+        // the years at the edge of what zone rules cover are taken as UTC days, never a panic
+        let last = parse_iso8601("9999-12-31").unwrap();
+        let shanghai = Zone::named("Asia/Shanghai").unwrap();
+        assert!(last.end_exclusive_ms(&shanghai) > last.start_ms(&shanghai));
+        assert_eq!(
+            shanghai.format_date(i64::MAX - 1),
+            format_date(i64::MAX - 1)
+        );
+        let first = parse_iso8601("0000-01-01").unwrap();
+        assert!(first.end_exclusive_ms(&shanghai) > first.start_ms(&shanghai));
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use calwatch_protocol::Id;
 
-use super::civil::parse_iso8601;
+use super::civil::{parse_iso8601, Zone};
 use super::{Certificate, Device, DeviceKind, Text};
 
 type Row = HashMap<&'static str, String>;
@@ -120,11 +120,13 @@ pub fn device_from_json(
 }
 
 /// A certificate of `device` given as a JSON object with the columns of
-/// `verifications.csv` but `device`, validated on its own. Pure.
+/// `verifications.csv` but `device`, validated on its own; date-only dates are days in
+/// `zone`. Pure.
 pub fn certificate_from_json(
     source: &Path,
     device: &str,
     obj: &serde_json::Map<String, serde_json::Value>,
+    zone: &Zone,
 ) -> Result<(Id, Certificate), ImportError> {
     let err = |reason: String| ImportError::whole(source, reason);
     if obj.contains_key("device") {
@@ -132,7 +134,7 @@ pub fn certificate_from_json(
     }
     let mut row = json_row(obj, &VERIFICATION_COLUMNS[1..]).map_err(err)?;
     row.insert("device", device.to_string());
-    parse_verification(&row).map_err(err)
+    parse_verification(&row, zone).map_err(err)
 }
 
 /// The rows of a `devices.csv`, each validated on its own and against the file (no id
@@ -162,16 +164,18 @@ pub fn parse_device_rows(file: &Path, text: &str) -> Result<Vec<(u64, Device)>, 
     Ok(parsed)
 }
 
-/// The rows of a `verifications.csv`, each validated on its own; that the devices exist is
+/// The rows of a `verifications.csv`, each validated on its own, date-only dates as days in
+/// `zone` (DESIGN decision 18); that the devices exist is
 /// [`super::Devices::validate_certificates`]. Pure: the API runs it off the ingest task.
 pub fn parse_verification_rows(
     file: &Path,
     text: &str,
+    zone: &Zone,
 ) -> Result<Vec<(u64, Id, Certificate)>, ImportError> {
     let rows = parse_csv(file, text, &VERIFICATION_COLUMNS)?;
     let mut parsed = Vec::with_capacity(rows.len());
     for (line, row) in &rows {
-        let (device, cert) = parse_verification(row).map_err(|reason| ImportError {
+        let (device, cert) = parse_verification(row, zone).map_err(|reason| ImportError {
             file: file.into(),
             line: Some(*line),
             reason,
@@ -342,7 +346,9 @@ fn parse_device(row: &Row) -> Result<Device, String> {
     })
 }
 
-fn parse_verification(row: &Row) -> Result<(Id, Certificate), String> {
+/// One certificate row: a date-only `verified_at` starts at the beginning of its day in
+/// `zone`, a date-only `valid_until` is valid through the end of its day there.
+fn parse_verification(row: &Row, zone: &Zone) -> Result<(Id, Certificate), String> {
     let device = id_field(row, "device")?;
     let certificate = field(row, "certificate").to_string();
     if certificate.is_empty() {
@@ -350,7 +356,7 @@ fn parse_verification(row: &Row) -> Result<(Id, Certificate), String> {
     }
     let verified_at = parse_iso8601(field(row, "verified_at"))
         .map_err(|e| format!("verified_at: {e}"))?
-        .start_ms();
+        .start_ms(zone);
     let passed = match field(row, "result") {
         "pass" => true,
         "fail" => false,
@@ -366,7 +372,7 @@ fn parse_verification(row: &Row) -> Result<(Id, Certificate), String> {
         Some(
             parse_iso8601(until)
                 .map_err(|e| format!("valid_until: {e}"))?
-                .end_exclusive_ms(),
+                .end_exclusive_ms(zone),
         )
     };
     if let Some(u) = valid_until {

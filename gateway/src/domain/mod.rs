@@ -297,13 +297,15 @@ impl Devices {
         Ok(())
     }
 
-    /// Parses and validates `verifications.csv` text (devices must be registered).
+    /// Parses and validates `verifications.csv` text (devices must be registered); date-only
+    /// dates are days in `zone`.
     pub fn parse_verifications(
         &self,
         file: &Path,
         text: &str,
+        zone: &civil::Zone,
     ) -> Result<Vec<(u64, Id, Certificate)>, ImportError> {
-        let parsed = input::parse_verification_rows(file, text)?;
+        let parsed = input::parse_verification_rows(file, text, zone)?;
         self.validate_certificates(file, &parsed)?;
         Ok(parsed)
     }
@@ -327,14 +329,15 @@ impl Devices {
     }
 
     /// A certificate given as a JSON object with the columns of `verifications.csv` but
-    /// `device` (which comes from the path).
+    /// `device` (which comes from the path); date-only dates are days in `zone`.
     pub fn parse_certificate_json(
         &self,
         source: &Path,
         device: &str,
         obj: &serde_json::Map<String, serde_json::Value>,
+        zone: &civil::Zone,
     ) -> Result<Certificate, ImportError> {
-        let (id, cert) = input::certificate_from_json(source, device, obj)?;
+        let (id, cert) = input::certificate_from_json(source, device, obj, zone)?;
         if !self.set.contains(id.as_str()) {
             return Err(ImportError::whole(
                 source,

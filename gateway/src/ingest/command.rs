@@ -315,7 +315,7 @@ fn record(
             })?;
             let cert = registry
                 .devices()
-                .parse_certificate_json(&file, &device, &object)
+                .parse_certificate_json(&file, &device, &object, &p.cfg.timezone)
                 .map_err(Refusal::Invalid)?;
             (file, vec![(1, id, cert)])
         }

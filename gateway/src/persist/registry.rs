@@ -9,6 +9,7 @@ use calwatch_protocol::Id;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::AuditEntry;
+use crate::domain::civil::Zone;
 use crate::domain::{now_ms, Certificate, Device, DeviceKind, Devices, ImportError, Text};
 
 /// Audits an imported row when it changes something: `kind.update` for a known subject,
@@ -315,14 +316,16 @@ impl Registry {
         Ok(parsed.len())
     }
 
-    /// Imports `verifications.csv` text. Every device must be registered. All or nothing.
+    /// Imports `verifications.csv` text, date-only dates as days in `zone` (`[checks]
+    /// timezone`). Every device must be registered. All or nothing.
     pub fn import_verifications(
         &mut self,
         file: &Path,
         text: &str,
         actor: &str,
+        zone: &Zone,
     ) -> Result<usize, ImportError> {
-        let parsed = self.devices.parse_verifications(file, text)?;
+        let parsed = self.devices.parse_verifications(file, text, zone)?;
         self.write_verifications(file, &parsed, actor)
     }
 
@@ -476,7 +479,7 @@ S-1,C-1,2025-03-01,2026-02-28,pass,bureau-7,7,
 S-1,C-2,2026-03-05,,fail,bureau-7,,
 ";
         assert_eq!(
-            r.import_verifications(Path::new("v.csv"), v, "test")
+            r.import_verifications(Path::new("v.csv"), v, "test", &Zone::utc())
                 .unwrap(),
             2
         );
@@ -490,7 +493,7 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
         let day = 86_400_000;
         let feb28 = crate::domain::civil::parse_iso8601("2026-02-28")
             .unwrap()
-            .start_ms();
+            .start_ms(&Zone::utc());
         assert_eq!(s.vstate(feb28 - 40 * day, 30 * day), VState::Valid);
         assert_eq!(s.vstate(feb28 - 10 * day, 30 * day), VState::DueSoon);
         // valid through the end of the day of valid_until
@@ -534,7 +537,7 @@ S-1,C-2,2026-03-05,,fail,bureau-7,,
 S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
 ";
         other
-            .import_verifications(Path::new("v.csv"), v, "cli")
+            .import_verifications(Path::new("v.csv"), v, "cli", &Zone::utc())
             .unwrap();
         assert!(r.changed_on_disk().unwrap(), "another process's import");
         assert!(r.device("S-1").unwrap().certificates.is_empty());
@@ -577,7 +580,7 @@ S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
         r.import_devices(Path::new("devices.csv"), DEVICES, "test")
             .unwrap();
         let err = r
-            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2027-01-01,pass,v,,\nX-9,C,2026-01-01,2027-01-01,pass,v,,\n", "test")
+            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2027-01-01,pass,v,,\nX-9,C,2026-01-01,2027-01-01,pass,v,,\n", "test", &Zone::utc())
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -585,8 +588,92 @@ S-1,C-9,2026-03-01,2027-02-28,pass,bureau-7,7,
         );
         assert_eq!(r.certificate_count("S-1").unwrap(), 0);
         let err = r
-            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2025-01-01,pass,v,,\n", "test")
+            .import_verifications(Path::new("v.csv"), "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\nS-1,C,2026-01-01,2025-01-01,pass,v,,\n", "test", &Zone::utc())
             .unwrap_err();
         assert!(err.reason.contains("not after"), "{err}");
+    }
+
+    /// Unix ms of an RFC 3339 timestamp.
+    fn at(s: &str) -> i64 {
+        crate::domain::civil::parse_iso8601(s)
+            .unwrap()
+            .start_ms(&Zone::utc())
+    }
+
+    const HEADER: &str =
+        "device,certificate,verified_at,valid_until,result,verifier,event_counter,k_factor\n";
+
+    /// Issue #16, item 9c (DESIGN decision 18): a date-only `valid_until = 2026-02-28` of a
+    /// Chinese bureau is valid through the end of that day in Shanghai, so overdue from
+    /// 2026-02-28T16:00:00Z, not from 2026-03-01T00:00:00Z as a UTC day would have it.
+    #[test]
+    fn date_only_dates_are_days_in_the_configured_time_zone() {
+        let day = 86_400_000;
+        let lead = 30 * day;
+        let shanghai = Zone::named("Asia/Shanghai").unwrap();
+        let mut r = registry("zone");
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
+        let v = format!(
+            "{HEADER}S-1,C-1,2025-03-01,2026-02-28,pass,bureau-7,7,\n\
+             D-1,C-2,2025-03-01T00:00:00Z,2026-02-28T12:00:00+02:00,pass,bureau-7,,\n"
+        );
+        r.import_verifications(Path::new("v.csv"), &v, "test", &shanghai)
+            .unwrap();
+        let s = r.device("S-1").unwrap();
+        let c = &s.certificates[0];
+        assert_eq!(c.verified_at, at("2025-02-28T16:00:00Z"));
+        assert_eq!(c.valid_until, Some(at("2026-02-28T16:00:00Z")));
+        assert_eq!(
+            s.vstate(at("2025-02-28T15:59:59.999Z"), lead),
+            VState::Unverified
+        );
+        assert_eq!(s.vstate(at("2025-02-28T16:00:00Z"), lead), VState::Valid);
+        assert_eq!(
+            s.vstate(at("2026-02-28T15:59:59.999Z"), lead),
+            VState::DueSoon
+        );
+        assert_eq!(s.vstate(at("2026-02-28T16:00:00Z"), lead), VState::Overdue);
+        // full timestamps keep their own meaning
+        let c = &r.device("D-1").unwrap().certificates[0];
+        assert_eq!(c.verified_at, at("2025-03-01T00:00:00Z"));
+        assert_eq!(c.valid_until, Some(at("2026-02-28T10:00:00Z")));
+        // the default zone is UTC: the same file, read as before
+        let mut utc = registry("zone-utc");
+        utc.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
+        utc.import_verifications(Path::new("v.csv"), &v, "test", &Zone::default())
+            .unwrap();
+        let s = utc.device("S-1").unwrap();
+        assert_eq!(
+            s.vstate(at("2026-02-28T23:59:59.999Z"), lead),
+            VState::DueSoon
+        );
+        assert_eq!(s.vstate(at("2026-03-01T00:00:00Z"), lead), VState::Overdue);
+    }
+
+    /// A zone with daylight saving time: in Berlin 2026-03-29 has 23 hours (CET to CEST), so a
+    /// certificate valid until then is overdue from 22:00Z, and one verified that day starts
+    /// at 23:00Z the day before.
+    #[test]
+    fn a_day_of_23_hours_in_berlin() {
+        let berlin = Zone::named("Europe/Berlin").unwrap();
+        let mut r = registry("zone-dst");
+        r.import_devices(Path::new("devices.csv"), DEVICES, "test")
+            .unwrap();
+        let v = format!(
+            "{HEADER}S-1,C-1,2025-03-29,2026-03-29,pass,bureau-7,7,\n\
+             S-1,C-2,2026-03-29,2027-10-25,pass,bureau-7,7,\n"
+        );
+        r.import_verifications(Path::new("v.csv"), &v, "test", &berlin)
+            .unwrap();
+        let s = r.device("S-1").unwrap();
+        let (c1, c2) = (&s.certificates[0], &s.certificates[1]);
+        assert_eq!(c1.verified_at, at("2025-03-28T23:00:00Z"));
+        assert_eq!(c1.valid_until, Some(at("2026-03-29T22:00:00Z")));
+        assert_eq!(c2.verified_at, at("2026-03-28T23:00:00Z"));
+        assert_eq!(c1.valid_until.unwrap() - c2.verified_at, 23 * 3_600_000);
+        // 2027-10-31 is the day of 25 hours; 2027-10-25 is still summer time (UTC+2)
+        assert_eq!(c2.valid_until, Some(at("2027-10-25T22:00:00Z")));
     }
 }

@@ -559,6 +559,20 @@ impl Pipeline {
             .map(|(id, h)| (id.clone(), h.last_ok))
             .collect();
         let failing: Vec<Id> = info.failing.iter().map(|(id, _)| id.clone()).collect();
+        // What the checks take from the identity data (the energy register's wrap, decision
+        // 17), for this agent's own devices only.
+        for (id, data) in &status.device_info {
+            let Some(slot) = self.states.get_mut(id.as_str()) else {
+                continue;
+            };
+            if slot.device.agent != *agent {
+                continue;
+            }
+            if checks::seal::apply_device_info(&mut slot.saved.state, data) && !slot.dirty {
+                slot.dirty = true;
+                self.dirty.push(id.clone());
+            }
+        }
         for id in failing {
             self.judge_liveness(&id, now_ms, out);
         }

@@ -223,6 +223,7 @@ fn online(agent: &str, ts: i64, failing: &[(&str, Option<i64>)]) -> (String, Vec
                     DeviceHealth {
                         last_ok: *last_ok,
                         consecutive_failures: 5,
+                        ..DeviceHealth::default()
                     },
                 )
             })
