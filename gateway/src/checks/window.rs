@@ -37,8 +37,9 @@ pub(crate) fn condition(vstate: VState, in_use: bool) -> Option<(AlertKind, Seve
 
 /// Judges the window at `at` (a reading's `ts` when `in_use`, the sweep time otherwise):
 /// clears the window kinds that no longer apply, then raises the one that does. A judgement
-/// at an earlier time than the window alert present changes nothing: a reading stamped by a
-/// lagging clock cannot clear what the sweep saw as of now.
+/// at an earlier time than the window alert present may only escalate it (the same kind, in
+/// use), never clear or replace it: a reading stamped by a lagging clock cannot clear what the
+/// sweep saw as of now.
 pub(super) fn judge(
     device: &Device,
     present: &mut Presence,
@@ -47,14 +48,23 @@ pub(super) fn judge(
     cfg: &CheckConfig,
     out: &mut Vec<Verdict>,
 ) {
-    if WINDOW_KINDS
-        .into_iter()
-        .any(|k| present.get(k).is_some_and(|r| r.at > at))
-    {
-        return;
-    }
     let vstate = device.vstate(at, cfg.due_soon_lead_ms);
     let cond = condition(vstate, in_use);
+    let later = WINDOW_KINDS.into_iter().find_map(|k| {
+        present
+            .get(k)
+            .filter(|r| r.at > at)
+            .map(|r| (k, r.severity))
+    });
+    if let Some((kind, severity)) = later {
+        // Judged as of a later time already: an earlier reading may only show the same
+        // condition in use (escalate: a backlog stamped before the sweep's reminder), never
+        // clear or replace it.
+        match cond {
+            Some((k, s)) if k == kind && s > severity => {}
+            _ => return,
+        }
+    }
     for kind in WINDOW_KINDS {
         if cond.map(|(k, _)| k) != Some(kind) {
             clear(present, kind, out);

@@ -446,3 +446,27 @@ fn a_broken_seal_voids_the_verification_in_coverage() {
         out.lines.as_str()
     );
 }
+
+#[test]
+fn a_reading_stamped_before_the_sweeps_reminder_still_escalates_it() {
+    // S-1 without a certificate, silent: the sweep reminds (warning) as of T0 + 10 min; then a
+    // reading stamped a second before arrives (a backlog): in use, so critical.
+    let mut bare = scale("S-1", "agent-a");
+    bare.certificates.clear();
+    let mut p = Pipeline::new(
+        Devices::from_devices(vec![bare]),
+        Vec::new(),
+        AlertBook::new(600_000, 1, Vec::new()),
+        CheckConfig::default(),
+        Arc::new(Metrics::new(Vec::new())),
+    );
+    let mut out = Output::default();
+    let sweep_at = T0 + 600_000;
+    p.sweep(sweep_at, &mut out);
+    let warned = p.alerts().get(&id("S-1"), AlertKind::Unverified).unwrap();
+    assert_eq!(warned.event.severity, Severity::Warning);
+    let (t, b) = one("agent-a", "S-1", 1, sweep_at - 1_000, 7.0);
+    p.process(&t, &b, sweep_at + 5_000, &mut out);
+    let open = p.alerts().get(&id("S-1"), AlertKind::Unverified).unwrap();
+    assert_eq!(open.event.severity, Severity::Critical, "{:?}", out.events);
+}
