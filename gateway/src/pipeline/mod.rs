@@ -155,6 +155,11 @@ pub(crate) struct AgentInfo {
     pub(crate) silent: bool,
     /// When it was last heard from (a batch or a status), by the gateway's clock.
     pub(crate) heard: Option<i64>,
+    /// When its last batch arrived, and the gap its batches arrive at (the larger of the
+    /// last gap and a slowly decaying past one; 0 until two have arrived): readings come
+    /// in batches, so wall-clock silence is only silence beyond `offline_factor` gaps.
+    pub(crate) last_batch: Option<i64>,
+    pub(crate) batch_gap: i64,
     /// The devices its last status said it cannot poll, with their last good poll, and that
     /// status's time (both by the agent's clock; decision 11).
     pub(crate) failing: Vec<(Id, Option<i64>)>,
@@ -454,6 +459,14 @@ impl Pipeline {
             info.down = false;
             info.silent = false;
             info.heard = Some(now_ms);
+            if let Some(gap) = info.last_batch.map(|last| now_ms - last).filter(|g| *g > 0) {
+                info.batch_gap = if gap >= info.batch_gap {
+                    gap
+                } else {
+                    info.batch_gap - (info.batch_gap - gap) / 8
+                };
+            }
+            info.last_batch = Some(now_ms);
             if let Some(ts) = newest {
                 info.watermark = Some(info.watermark.map_or(ts, |w| w.max(ts)));
             }

@@ -106,11 +106,12 @@ impl Pipeline {
     }
 }
 
-/// How long an agent, or a device of an online agent, may send nothing on the wall clock:
-/// `offline_factor` status periods (decision 11: a status at least once a minute). A device's
-/// own limit, `offline_factor` × `interval_s`, applies when it is longer: readings arrive in
-/// batches, so arrival gaps of short-interval devices are the agent's batching, not silence
-/// (the watermark and the agent's failing report judge those devices sooner).
+/// How long an agent, or a device of an online agent, may send nothing on the wall clock, at
+/// least: `offline_factor` status periods (decision 11: a status at least once a minute).
+/// Longer when the device's own limit (`offline_factor` × `interval_s`) or `offline_factor`
+/// gaps between the agent's batches are: readings arrive in batches, so arrival gaps up to
+/// the batching are not silence (the watermark and the agent's failing report judge those
+/// devices sooner).
 pub(super) fn silent_agent_after_ms(cfg: &CheckConfig) -> i64 {
     liveness::AGENT_STATUS_EVERY_MS.saturating_mul(i64::from(cfg.offline_factor))
 }
@@ -128,8 +129,13 @@ pub(super) fn signals(
     let since = arrived.unwrap_or(started).max(started);
     liveness::Signals {
         watermark: agent.watermark,
-        wall: Some((now_ms, since)),
-        wall_min_ms: silent_agent_after_ms(cfg),
+        // Judged once the agent's batch cadence is known (two batches since the start).
+        wall: (agent.batch_gap > 0).then_some((now_ms, since)),
+        wall_min_ms: silent_agent_after_ms(cfg).max(
+            agent
+                .batch_gap
+                .saturating_mul(i64::from(cfg.offline_factor)),
+        ),
         failing: agent
             .failing
             .iter()
@@ -150,7 +156,7 @@ impl Pipeline {
                 || info.silent
                 || !liveness::agent_silent(
                     since,
-                    liveness::AGENT_STATUS_EVERY_MS,
+                    liveness::AGENT_STATUS_EVERY_MS.max(info.batch_gap),
                     now_ms,
                     &self.cfg,
                 )

@@ -282,25 +282,83 @@ fn a_device_the_agent_cannot_poll_goes_offline_though_its_agent_is_live() {
 
 #[test]
 fn silence_on_the_wall_clock_while_the_agent_is_online_is_offline() {
-    // The agent keeps sending statuses without naming the device (a whole bus gone, say):
-    // nothing arrives for S-1 for 3 status periods.
+    // Batches every minute, then the agent keeps sending statuses without naming the device
+    // (a whole bus gone, say): nothing arrives for S-1 for 3 status periods.
     let mut p = pipeline();
     let mut out = Output::default();
-    let (t, b) = one("agent-a", "S-1", 1, T0, 7.0);
-    p.process(&t, &b, T0, &mut out);
+    for k in 0..3 {
+        let (t, b) = one("agent-a", "S-1", k as u64 + 1, T0 + k * 60_000, 7.0);
+        p.process(&t, &b, T0 + k * 60_000, &mut out);
+    }
     out.clear();
+    let last = T0 + 120_000;
     for minute in 1..=3 {
-        let now = T0 + minute * 60_000;
+        let now = last + minute * 60_000;
         let (t, b) = online("agent-a", now, &[]);
         p.process(&t, &b, now, &mut out);
         p.sweep(now - 1, &mut out);
     }
     assert!(offline_events(&out).is_empty(), "{:?}", out.events);
-    p.sweep(T0 + 180_000, &mut out);
+    p.sweep(last + 180_000, &mut out);
     let raised = offline_events(&out);
     assert_eq!(raised.len(), 1, "{:?}", out.events);
     assert_eq!(raised[0].evidence["cause"], "wall_clock_silence");
-    assert_eq!(raised[0].raised, T0 + 180_000);
+    assert_eq!(raised[0].raised, last + 180_000);
+}
+
+#[test]
+fn an_agent_batching_every_five_minutes_is_not_silence() {
+    // Readings every minute, batched every 5 minutes (found by the detection bench: every
+    // device of such an agent went offline between batches).
+    let mut p = pipeline();
+    let mut out = Output::default();
+    let mut seq = 0;
+    for batch in 0..12 {
+        let at = T0 + batch * 300_000;
+        let readings: Vec<(&str, u64)> = (0..5)
+            .map(|_| {
+                seq += 1;
+                ("S-1", seq)
+            })
+            .collect();
+        let (t, b) = batch_of("agent-a", &readings, at);
+        p.process(&t, &b, at, &mut out);
+        for minute in 1..5 {
+            let now = at + minute * 60_000;
+            let (t, b) = online("agent-a", now, &[]);
+            p.process(&t, &b, now, &mut out);
+            p.sweep(now, &mut out);
+        }
+    }
+    assert!(offline_events(&out).is_empty(), "{:?}", out.events);
+    // Three batch gaps without S-1: offline.
+    let last = T0 + 11 * 300_000;
+    p.sweep(last + 900_000, &mut out);
+    assert_eq!(offline_events(&out).len(), 1, "{:?}", out.events);
+}
+
+/// A batch of `readings` (device, seq) stamped a minute apart, ending at `at`.
+fn batch_of(agent: &str, readings: &[(&str, u64)], at: i64) -> (String, Vec<u8>) {
+    let n = readings.len() as i64;
+    let b = ReadingBatch {
+        agent: id(agent),
+        sent: at,
+        readings: readings
+            .iter()
+            .enumerate()
+            .map(|(i, (device, seq))| Reading {
+                device: id(device),
+                seq: *seq,
+                ts: at - (n - 1 - i as i64) * 60_000,
+                values: vec![
+                    (id("gross_kg"), Value::Number(2.5)),
+                    (id("stable"), Value::Bool(true)),
+                    (id("event_counter"), Value::Number(7.0)),
+                ],
+            })
+            .collect(),
+    };
+    (readings_topic(&id(agent)), b.encode().unwrap())
 }
 
 #[test]
