@@ -442,15 +442,14 @@ pub(crate) async fn run<S: Source>(task: IngestTask<S>) -> Result<(), IngestErro
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let confirmed = source.confirmed();
-    let flushed = source.close().await;
+    let confirmed = source.close().await;
     if let Some(mut c) = core {
-        // What the transport confirmed leaves the outbox; after a clean close, everything
-        // queued before it was sent.
+        // What the transport confirmed leaves the outbox; the rest is published again at
+        // the next start.
         let out = c
             .published
             .iter()
-            .take_while(|(_, needed)| flushed || confirmed >= *needed)
+            .take_while(|(_, needed)| confirmed >= *needed)
             .last()
             .map(|(seq, _)| *seq);
         if let Some(seq) = out {

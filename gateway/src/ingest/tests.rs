@@ -70,9 +70,8 @@ impl Source for TestSource {
     fn confirmed(&self) -> u64 {
         self.confirmed.load(Ordering::Relaxed)
     }
-    async fn close(self) -> bool {
-        // Nothing known sent: only what was confirmed may leave the outbox.
-        false
+    async fn close(self) -> u64 {
+        self.confirmed.load(Ordering::Relaxed)
     }
 }
 

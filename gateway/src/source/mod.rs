@@ -57,6 +57,8 @@ pub(crate) trait Source: Send + 'static {
     /// the outbox): a count over the source's life, in publishing order.
     fn confirmed(&self) -> u64;
 
-    /// Sends what is queued and ends; returns whether everything queued was sent.
-    fn close(self) -> impl Future<Output = bool> + Send;
+    /// Ends, after waiting a bounded moment for the transport to confirm the events
+    /// published; returns [`Source::confirmed`] as of the end (what is not confirmed stays
+    /// in the outbox and is published again at the next start).
+    fn close(self) -> impl Future<Output = u64> + Send;
 }

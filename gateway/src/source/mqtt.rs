@@ -33,13 +33,19 @@ pub(crate) const MAX_PENDING_BYTES: u64 = 256 << 20;
 /// alert events.
 const EVENT_ROOM: usize = 16_384;
 
+/// How long a stop waits for the broker to confirm the alert events (and then for the
+/// disconnect); what is unconfirmed by then stays in the outbox for the next start.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// The MQTT subscription of one gateway.
 pub(crate) struct MqttSource {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Publish>,
-    connection: JoinHandle<bool>,
+    connection: JoinHandle<()>,
     /// PUBACKs of our alert events received from the broker.
     confirmed: Arc<AtomicU64>,
+    /// Alert events handed to the connection.
+    published: u64,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -81,6 +87,7 @@ impl MqttSource {
             rx,
             connection,
             confirmed,
+            published: 0,
             shutdown,
         })
     }
@@ -159,8 +166,9 @@ impl Source for MqttSource {
                 }
             }
         };
-        if let Err(err) = sent {
-            tracing::warn!(error = %err, "alert event not published");
+        match sent {
+            Ok(()) => self.published += 1,
+            Err(err) => tracing::warn!(error = %err, "alert event not published"),
         }
         Ok(())
     }
@@ -169,13 +177,20 @@ impl Source for MqttSource {
         self.confirmed.load(Ordering::Relaxed)
     }
 
-    async fn close(self) -> bool {
-        // The connection sends what is queued before the disconnect, then ends.
+    async fn close(self) -> u64 {
+        // Only a PUBACK says an event is out: written to the socket is not delivered (closing
+        // a socket with unread data resets it, and the broker drops what it had not read).
+        // Wait a moment for the confirmations, then disconnect.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while self.confirmed.load(Ordering::Relaxed) < self.published
+            && tokio::time::Instant::now() < deadline
+            && !self.connection.is_finished()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = self.client.try_disconnect();
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), self.connection).await,
-            Ok(Ok(true))
-        )
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.connection).await;
+        self.confirmed.load(Ordering::Relaxed)
     }
 }
 
@@ -192,9 +207,8 @@ struct Connection {
 }
 
 /// The broker connection's event loop. It waits on nothing but the connection (and, between
-/// reconnects, the backoff or the shutdown). Returns whether it ended with a clean disconnect
-/// (everything queued before it was sent).
-async fn connection(c: Connection) -> bool {
+/// reconnects, the backoff or the shutdown); it ends once the disconnect went out.
+async fn connection(c: Connection) {
     let Connection {
         mut eventloop,
         client,
@@ -214,6 +228,9 @@ async fn connection(c: Connection) -> bool {
     };
     let mut failures = 0u32;
     let mut shedding = false;
+    // The disconnect went out: read until the broker closes the connection, so the socket is
+    // not closed with unread data (which resets it).
+    let mut disconnecting = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -235,6 +252,7 @@ async fn connection(c: Connection) -> bool {
             Ok(Event::Incoming(Packet::PubAck(_))) => {
                 confirmed.fetch_add(1, Ordering::Relaxed);
             }
+            Ok(Event::Incoming(Packet::Publish(_))) if disconnecting => {}
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let (waiting, bytes) = health.pending();
                 if shedding || waiting >= max_pending || bytes >= MAX_PENDING_BYTES {
@@ -250,12 +268,13 @@ async fn connection(c: Connection) -> bool {
                 } else {
                     health.received(p.payload.len());
                     if tx.send(p).is_err() {
-                        return false;
+                        return;
                     }
                 }
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => disconnecting = true,
             Ok(_) => {}
+            Err(_) if disconnecting => return,
             Err(e) => {
                 health.disconnected(now_ms());
                 let wait = backoff.delay(failures);
@@ -265,7 +284,7 @@ async fn connection(c: Connection) -> bool {
                     .await
                     .is_none()
                 {
-                    return false;
+                    return;
                 }
             }
         }
@@ -295,6 +314,84 @@ async fn unless_stopping<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A broker that accepts the connection and the subscription and takes every publish
+    /// without ever confirming it (no PUBACK); it counts the publishes it read.
+    async fn broker_that_never_confirms() -> (u16, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let publishes = Arc::new(AtomicU64::new(0));
+        let seen = publishes.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            loop {
+                let mut head = [0u8; 1];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let (mut len, mut shift) = (0usize, 0);
+                loop {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    len |= usize::from(b[0] & 0x7f) << shift;
+                    shift += 7;
+                    if b[0] & 0x80 == 0 {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let reply: Vec<u8> = match head[0] >> 4 {
+                    1 => vec![0x20, 2, 0, 0],                   // CONNACK
+                    8 => vec![0x90, 4, body[0], body[1], 1, 1], // SUBACK, two filters
+                    12 => vec![0xd0, 0],                        // PINGRESP
+                    14 => return,                               // DISCONNECT
+                    3 => {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                };
+                if !reply.is_empty() && s.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (port, publishes)
+    }
+
+    /// Handed to the connection and even written to the socket is not delivered: an event
+    /// leaves the outbox only on the broker's PUBACK, also at a clean stop (a socket closed
+    /// with unread data is reset, and the broker may drop what it had not read yet).
+    #[tokio::test]
+    async fn close_counts_only_what_the_broker_confirmed() {
+        let (port, publishes) = broker_that_never_confirms().await;
+        let cfg: MqttConfig =
+            toml::from_str(&format!("url = \"mqtt://127.0.0.1:{port}\"")).unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let metrics = Arc::new(Metrics::new(Vec::new()));
+        let mut source = MqttSource::start(&cfg, "gw-close", 100, metrics, shutdown).unwrap();
+        for i in 0..3 {
+            source
+                .publish(format!("calwatch/v1/alerts/o/d{i}"), b"{}".to_vec())
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while publishes.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishes never reached the broker"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(source.close().await, 0, "unconfirmed events counted as out");
+    }
 
     #[test]
     fn an_ack_token_gives_back_the_packet_id_and_qos() {
