@@ -305,20 +305,8 @@ mod tests {
             .push(cert("C-1", 0, Some(400 * DAY), true, None, None));
         let cfg = CheckConfig::default();
         let mut st = DeviceState::default();
-        let r = |st: &mut DeviceState, seq: u64, total: f64, id: f64, sale: f64| {
-            run(
-                &d,
-                st,
-                &cfg,
-                seq,
-                seq as i64 * 60_000,
-                &[
-                    ("totalizer_l", n(total)),
-                    ("sale_id", n(id)),
-                    ("sale_l", n(sale)),
-                    ("encoder_sale_l", n(sale)),
-                ],
-            )
+        let r = |st: &mut DeviceState, seq, total, id, sale| {
+            totalizer_at(&d, &cfg, st, seq, total, id, sale)
         };
         assert!(r(&mut st, 1, 1000.0, 1.0, 10.0).is_empty());
         // a new 20 L sale, included in the totalizer
@@ -361,6 +349,32 @@ mod tests {
 
     /// A dispenser under C-1 and a sale function: (sale_id, display, encoder) → verdicts, one
     /// reading a minute.
+    /// One reading of a dispenser's totalizer with the last sale (display = encoder), a
+    /// minute of event time per seq.
+    fn totalizer_at(
+        d: &crate::domain::Device,
+        cfg: &CheckConfig,
+        st: &mut DeviceState,
+        seq: u64,
+        total: f64,
+        id: f64,
+        sale: f64,
+    ) -> Vec<Verdict> {
+        run(
+            d,
+            st,
+            cfg,
+            seq,
+            seq as i64 * 60_000,
+            &[
+                ("totalizer_l", n(total)),
+                ("sale_id", n(id)),
+                ("sale_l", n(sale)),
+                ("encoder_sale_l", n(sale)),
+            ],
+        )
+    }
+
     fn dispenser() -> (crate::domain::Device, CheckConfig, DeviceState) {
         let mut d = device(DeviceKind::Dispenser, None);
         d.certificates
@@ -477,20 +491,8 @@ mod tests {
     #[test]
     fn totalizer_is_not_judged_across_skipped_sales() {
         let (d, cfg, mut st) = dispenser();
-        let r = |st: &mut DeviceState, seq: u64, total: f64, id: f64, sale: f64| {
-            run(
-                &d,
-                st,
-                &cfg,
-                seq,
-                seq as i64 * 60_000,
-                &[
-                    ("totalizer_l", n(total)),
-                    ("sale_id", n(id)),
-                    ("sale_l", n(sale)),
-                    ("encoder_sale_l", n(sale)),
-                ],
-            )
+        let r = |st: &mut DeviceState, seq, total, id, sale| {
+            totalizer_at(&d, &cfg, st, seq, total, id, sale)
         };
         assert!(r(&mut st, 1, 1000.0, 1.0, 10.0).is_empty());
         assert!(r(&mut st, 2, 1050.0, 3.0, 20.0).is_empty());
