@@ -360,19 +360,7 @@ mod tests {
         id: f64,
         sale: f64,
     ) -> Vec<Verdict> {
-        run(
-            d,
-            st,
-            cfg,
-            seq,
-            seq as i64 * 60_000,
-            &[
-                ("totalizer_l", n(total)),
-                ("sale_id", n(id)),
-                ("sale_l", n(sale)),
-                ("encoder_sale_l", n(sale)),
-            ],
-        )
+        dispenser_reading(d, cfg, st, seq, Some(total), id, sale, sale)
     }
 
     fn dispenser() -> (crate::domain::Device, CheckConfig, DeviceState) {
@@ -391,18 +379,30 @@ mod tests {
         display: f64,
         encoder: f64,
     ) -> Vec<Verdict> {
-        run(
-            d,
-            st,
-            cfg,
-            seq,
-            seq as i64 * 60_000,
-            &[
-                ("sale_id", n(id)),
-                ("sale_l", n(display)),
-                ("encoder_sale_l", n(encoder)),
-            ],
-        )
+        dispenser_reading(d, cfg, st, seq, None, id, display, encoder)
+    }
+
+    /// A dispenser reading at minute `seq`: the last sale, with the totalizer if given.
+    #[allow(clippy::too_many_arguments)]
+    fn dispenser_reading(
+        d: &crate::domain::Device,
+        cfg: &CheckConfig,
+        st: &mut DeviceState,
+        seq: u64,
+        totalizer: Option<f64>,
+        id: f64,
+        display: f64,
+        encoder: f64,
+    ) -> Vec<Verdict> {
+        let mut values = vec![
+            ("sale_id", n(id)),
+            ("sale_l", n(display)),
+            ("encoder_sale_l", n(encoder)),
+        ];
+        if let Some(total) = totalizer {
+            values.insert(0, ("totalizer_l", n(total)));
+        }
+        run(d, st, cfg, seq, seq as i64 * 60_000, &values)
     }
 
     /// Issue #16 item 3, decision 12: a board that blanks the encoder (35.02 L displayed,
